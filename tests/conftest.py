@@ -1,0 +1,76 @@
+"""Shared fixtures: small datasets written by the tests themselves, and the real data when it is present."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+REAL_SMALL = SHARED_DATA / "stanford_cars_small"
+REAL_DEVKIT = SHARED_DATA / "stanford_cars_devkit"
+
+CLASS_NAMES = ["Audi TTS Coupe 2012", "Acura TL Sedan 2012", "Dodge Dakota Club Cab 2007"]
+
+
+def jpeg_bytes(size=(24, 16), color=(200, 30, 30), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color if mode == "RGB" else (color[0] if mode == "L" else (10, 20, 30, 40))).save(
+        buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_compact(root: Path, per_class=(4, 3), class_names=CLASS_NAMES, size=(24, 16)) -> Path:
+    """A compact-layout dataset: labels.csv + class_names.txt + images/{train,test}/NNNNN.jpg."""
+    rows = []
+    data = jpeg_bytes(size)
+    for split, n in zip(("train", "test"), per_class):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        k = 0
+        for class_id, name in enumerate(class_names, start=1):
+            for _ in range(n):
+                k += 1
+                filename = f"images/{split}/{k:05d}.jpg"
+                (root / filename).write_bytes(data)
+                rows.append((filename, split, class_id, name, 0, 0, size[0], size[1], size[0], size[1]))
+    pd.DataFrame(rows, columns=["filename", "split", "class_id", "class_name", "bbox_x1", "bbox_y1", "bbox_x2",
+                                "bbox_y2", "width", "height"]).to_csv(root / "labels.csv", index=False)
+    (root / "class_names.txt").write_text("\n".join(class_names) + "\n")
+    return root
+
+
+@pytest.fixture
+def compact_dir(tmp_path) -> Path:
+    return write_compact(tmp_path / "compact")
+
+
+@pytest.fixture(scope="session")
+def synthcars_tiny(tmp_path_factory):
+    """The tiny SynthCars preset, generated once per test session."""
+    from vericar.data import open_dataset
+
+    return open_dataset("synthetic", tmp_path_factory.mktemp("synth") / "synthcars_tiny", synth_config="tiny",
+                        progress=False)
+
+
+def annotation_struct(records: list[dict]) -> np.ndarray:
+    """A MATLAB struct array like the devkit's ``annotations`` (fields in the records' key order)."""
+    fields = list(records[0].keys())
+    arr = np.zeros((1, len(records)), dtype=[(f, "O") for f in fields])
+    for i, rec in enumerate(records):
+        for f in fields:
+            v = rec[f]
+            arr[0, i][f] = np.array([v]) if isinstance(v, str) else np.array([[v]])
+    return arr
+
+
+requires_real_data = pytest.mark.skipif(not REAL_SMALL.is_dir(), reason="../shared/data is not present")
+requires_devkit = pytest.mark.skipif(not REAL_DEVKIT.is_dir(), reason="../shared/data devkit is not present")

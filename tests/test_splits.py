@@ -1,0 +1,109 @@
+"""Split protocols: what each set holds, disjointness, determinism from the seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REAL_SMALL, requires_real_data
+from vericar.data import CarsDataset, DataError, load_stanford_cars, make_split
+
+NAMES = ["Zentra Volo Sedan 2010", "Zentra Volo Sedan 2012", "Zentra Volo Coupe 2012", "Zentra Pimo SUV 2011",
+         "Krato Baja Pickup 2010", "Krato Baja Pickup 2012", "Krato Sumo Van 2009", "Lumen Arko Wagon 2008"]
+
+
+def toy(train_per_class=10, test_per_class=5) -> CarsDataset:
+    rows = []
+    for class_id, name in enumerate(NAMES, start=1):
+        for split, n in (("train", train_per_class), ("test", test_per_class)):
+            rows += [(f"{split}/{class_id}_{i}.jpg", split, class_id, name) for i in range(n)]
+    table = pd.DataFrame(rows, columns=["filename", "split", "class_id", "class_name"])
+    return CarsDataset(root=".", table=table, class_names=NAMES, name="toy")
+
+
+def _disjoint(*arrays):
+    seen = np.concatenate(arrays)
+    return len(seen) == len(np.unique(seen))
+
+
+def test_seed_protocol_splits_each_class_80_20():
+    cars = toy()
+    s = make_split(cars, "seed", seed=3)
+    t = cars.table
+    assert (t.loc[s.query, "split"] == "train").all() and (t.loc[s.database, "split"] == "train").all()
+    assert _disjoint(s.query, s.database) and len(s.query) + len(s.database) == 80
+    assert (t.loc[s.query].groupby("class_id").size() == 2).all()
+    assert np.array_equal(s.train, s.database)
+    assert not s.leave_one_out
+
+
+def test_seed_protocol_is_deterministic_and_seed_dependent():
+    cars = toy()
+    a, b, c = (make_split(cars, "seed", seed=k) for k in (0, 0, 1))
+    assert np.array_equal(a.query, b.query)
+    assert not np.array_equal(a.query, c.query)
+
+
+def test_seed_protocol_needs_two_images_per_class():
+    with pytest.raises(DataError, match="at least 2 per class"):
+        make_split(toy(train_per_class=1), "seed")
+
+
+def test_official_protocol():
+    cars = toy()
+    s = make_split(cars, "official")
+    t = cars.table
+    assert set(t.loc[s.query, "split"]) == {"test"} and set(t.loc[s.database, "split"]) == {"train"}
+    assert len(s.query) == 40 and len(s.train) == 80
+
+
+def test_zero_shot_protocol_holds_out_the_second_half_of_classes():
+    cars = toy()
+    s = make_split(cars, "zero-shot")
+    t = cars.table
+    assert set(t.loc[s.train, "class_id"]) == {1, 2, 3, 4}
+    assert set(t.loc[s.query, "class_id"]) == {5, 6, 7, 8}
+    assert s.leave_one_out and len(s.query) == 60  # all images (train and test) of the unseen classes
+
+
+@pytest.mark.parametrize("holdout", ["model", "year", "make"])
+def test_open_world_holds_classes_out_of_training_and_database(holdout):
+    cars = toy()
+    s = make_split(cars, "open-world", holdout=holdout, holdout_fraction=0.3, seed=1)
+    t = cars.table
+    held = set(s.heldout_class_ids)
+    assert held and held != set(range(1, 9))
+    assert not held & set(t.loc[s.train, "class_id"]) and not held & set(t.loc[s.database, "class_id"])
+    assert not held & set(t.loc[s.query, "class_id"])
+    assert set(t.loc[s.ood_query, "class_id"]) == held == set(t.loc[s.ood_database, "class_id"])
+    assert set(t.loc[s.ood_query, "split"]) == {"test"} and set(t.loc[s.ood_database, "split"]) == {"train"}
+    assert _disjoint(s.train, s.query, s.ood_query, s.ood_database)
+    h = cars.hierarchy.set_index("class_id")
+    known = set(range(1, 9)) - held
+    if holdout == "model":  # every year and body of a held-out model family is out
+        for c in held:
+            fam = h.loc[c, ["make", "family"]].tolist()
+            assert not any(h.loc[k, ["make", "family"]].tolist() == fam for k in known)
+    if holdout == "make":
+        assert not set(h.loc[list(held), "make"]) & set(h.loc[list(known), "make"])
+    if holdout == "year":  # the model stays known through its other years
+        for c in held:
+            assert any(h.loc[k, "model"] == h.loc[c, "model"] and h.loc[k, "make"] == h.loc[c, "make"]
+                       for k in known)
+
+
+def test_unknown_protocol_and_holdout():
+    with pytest.raises(ValueError, match="unknown protocol"):
+        make_split(toy(), "random")
+    with pytest.raises(ValueError, match="unknown holdout"):
+        make_split(toy(), "open-world", holdout="colour")
+
+
+@requires_real_data
+def test_real_data_protocol_sizes():
+    cars = load_stanford_cars(REAL_SMALL)
+    z = make_split(cars, "zero-shot")
+    assert len(z.train) == 8054 and len(z.query) == 8131  # the metric-learning benchmark split, classes 1-98 / 99-196
+    o = make_split(cars, "official")
+    assert (len(o.database), len(o.query)) == (8144, 8041)

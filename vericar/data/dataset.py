@@ -1,0 +1,164 @@
+"""The one in-memory form of a car dataset, whatever its source: a table of images with labels and hierarchy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .hierarchy import hierarchy_table
+from .images import DataError, load_image
+
+#: Columns every source provides (bbox and size columns are optional).
+REQUIRED_COLUMNS = ("filename", "split", "class_id", "class_name")
+BBOX_COLUMNS = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
+
+
+@dataclass
+class CarsDataset:
+    """Images with class labels and their make / type / model / year hierarchy.
+
+    ``table`` has one row per image: ``filename`` (relative to ``root``), ``split`` (``train``/``test``),
+    ``class_id`` (1..C, as in the devkit), ``class_name``, the hierarchy columns ``make``, ``model``,
+    ``family``, ``type``, ``year``, and, where the source has them, ``bbox_x1..bbox_y2`` (Pillow convention,
+    end exclusive) used to crop each image, and ``width``/``height``. Row positions are the image indices that
+    the split protocols and every later step use.
+    """
+
+    root: Path
+    table: pd.DataFrame
+    class_names: list[str]
+    name: str = "cars"
+    layout: str = "compact"
+    crop_to_bbox: bool = True
+    hierarchy: pd.DataFrame = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        self.hierarchy = hierarchy_table(self.class_names)
+        self.hierarchy.insert(0, "class_id", np.arange(1, len(self.class_names) + 1))
+        levels = self.hierarchy.set_index("class_id")[["make", "model", "family", "type", "year"]]
+        table = self.table.drop(columns=[c for c in levels.columns if c in self.table.columns])
+        self.table = table.join(levels, on="class_id").reset_index(drop=True)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __repr__(self) -> str:
+        splits = ", ".join(f"{k}={v}" for k, v in self.table["split"].value_counts().sort_index().items())
+        return (f"CarsDataset({self.name!r}, {len(self)} images ({splits}), {self.num_classes} classes, "
+                f"{self.table['make'].nunique()} makes, layout={self.layout!r}, root={str(self.root)!r})")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """0-based class index of every image (``class_id - 1``)."""
+        return self.table["class_id"].to_numpy() - 1
+
+    def path(self, index: int) -> Path:
+        return self.root / self.table["filename"].iat[index]
+
+    def bbox(self, index: int) -> tuple[int, int, int, int] | None:
+        if not self.crop_to_bbox or not all(c in self.table.columns for c in BBOX_COLUMNS):
+            return None
+        row = self.table.iloc[index]
+        return tuple(int(row[c]) for c in BBOX_COLUMNS)
+
+    def image(self, index: int):
+        """The image at row ``index`` as an RGB PIL image, cropped to its box when the source has one."""
+        return load_image(self.path(index), self.bbox(index))
+
+    def torch_dataset(self, indices, transform) -> "ImageSubset":
+        """A ``torch.utils.data.Dataset`` over the given rows yielding ``(transform(image), label)``."""
+        return ImageSubset(self, np.asarray(indices, dtype=np.int64), transform)
+
+
+class ImageSubset(torch.utils.data.Dataset):
+    """Rows of a :class:`CarsDataset` as a torch dataset of ``(image tensor, 0-based label)``."""
+
+    def __init__(self, cars: CarsDataset, indices: np.ndarray, transform) -> None:
+        self.cars, self.indices, self.transform = cars, indices, transform
+        self.targets = cars.labels[indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        image = self.cars.image(int(self.indices[i]))
+        return self.transform(image), int(self.targets[i])
+
+
+def validate_table(table: pd.DataFrame, class_names: list[str], root: Path, *,
+                   allow_empty_classes: bool = False, check_files: bool = True) -> pd.DataFrame:
+    """Check a label table against its class list and the files on disk; raise :class:`DataError` on problems.
+
+    Nothing is dropped or relabelled silently: unknown or missing class ids, names that disagree with
+    ``class_names``, duplicated or missing files and classes without any image are all errors.
+    """
+    missing_cols = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing_cols:
+        raise DataError(f"labels for {root} lack the columns {missing_cols}; expected at least {list(REQUIRED_COLUMNS)}")
+    n = len(class_names)
+    ids = pd.to_numeric(table["class_id"], errors="coerce")
+    bad = table[ids.isna() | (ids < 1) | (ids > n) | (ids != ids.round())]
+    if len(bad):
+        examples = ", ".join(f"{f} -> {c!r}" for f, c in zip(bad["filename"][:5], bad["class_id"][:5]))
+        raise DataError(f"{len(bad)} images under {root} have a missing or unknown class id (valid: 1..{n}), "
+                        f"e.g. {examples}. Fix the labels; no image is dropped silently.")
+    table = table.assign(class_id=ids.astype(int))
+    expected = np.asarray(class_names, dtype=object)[table["class_id"].to_numpy() - 1]
+    mismatch = table["class_name"].astype(str).to_numpy() != expected
+    if mismatch.any():
+        row = table[mismatch].iloc[0]
+        raise DataError(f"{mismatch.sum()} rows have a class_name that disagrees with class id's name, e.g. "
+                        f"{row['filename']}: id {row['class_id']} is {class_names[row['class_id'] - 1]!r} but the "
+                        f"row says {row['class_name']!r}. The labels and the class list do not belong together.")
+    bad_split = ~table["split"].isin(["train", "test"])
+    if bad_split.any():
+        raise DataError(f"split must be 'train' or 'test'; found {sorted(table['split'][bad_split].unique())[:5]}")
+    dup = table["filename"].duplicated()
+    if dup.any():
+        raise DataError(f"{dup.sum()} files are listed twice, e.g. {table['filename'][dup].iloc[0]}")
+    if check_files:
+        exists = np.fromiter(((root / f).is_file() for f in table["filename"]), bool, len(table))
+        if not exists.all():
+            missing = table["filename"][~exists]
+            raise DataError(f"{len(missing)} images listed in the labels are missing under {root}, e.g. "
+                            f"{', '.join(missing[:5])}. Restore them or remove their rows.")
+    counts = table["class_id"].value_counts()
+    empty = [i for i in range(1, n + 1) if i not in counts.index]
+    if empty and not allow_empty_classes:
+        names = ", ".join(f"{i} {class_names[i - 1]!r}" for i in empty[:5])
+        raise DataError(f"{len(empty)} classes have no images under {root}: {names}. Add images, drop those "
+                        "classes from the class list, or pass allow_empty_classes=True.")
+    return table
+
+
+def check_images(cars: CarsDataset, progress: bool = True) -> pd.DataFrame:
+    """Decode every image once; return a table of each image's size and mode, with an ``error`` column.
+
+    Use it to find corrupt files before a long run: rows with a non-empty ``error`` are the unreadable
+    images (the caller decides what to do; nothing is removed here).
+    """
+    from PIL import Image
+
+    rows = []
+    for i in tqdm(range(len(cars)), desc="checking images", disable=not progress):
+        path = cars.path(i)
+        try:
+            with Image.open(path) as im:
+                mode, size = im.mode, im.size
+                im.load()
+            rows.append((path.name, mode, size[0], size[1], ""))
+        except Exception as err:  # noqa: BLE001 - every failure is reported, not raised
+            rows.append((path.name, None, np.nan, np.nan, f"{type(err).__name__}: {err}"))
+    out = pd.DataFrame(rows, columns=["file", "mode", "width", "height", "error"])
+    out.insert(0, "filename", cars.table["filename"].to_numpy())
+    return out.drop(columns="file")

@@ -1,0 +1,164 @@
+"""Run the study: every numbered notebook, in order, through papermill, into one run folder.
+
+    python -m vericar.study --profile quick                 # SynthCars, CI-sized, runs/quick/
+    python -m vericar.study --profile full                  # real Stanford Cars copy, runs/full/
+    python -m vericar.study --profile full --publish        # ... and copy figures/results to the repo
+    python -m vericar.study --only 01 03 -p epochs 2        # some notebooks, with parameter overrides
+
+A run folder holds ``notebooks/`` (the executed notebooks), ``figures/``, ``results/`` and the artifacts later
+notebooks read (checkpoints, embeddings). Each notebook gets only the parameters its ``parameters`` cell
+declares; overrides given with ``-p`` apply to every notebook that declares them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .results import COMMAND_ENV
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
+
+#: Profiles: parameters for every notebook, then per-notebook overrides keyed by the notebook's number.
+PROFILES: dict[str, dict[str, Any]] = {
+    "quick": {
+        "all": {"dataset": "synthetic", "data_dir": "data/synthcars", "run_dir": "runs/quick", "quick": True,
+                "device": "auto", "seed": 0},
+        "per_notebook": {},
+    },
+    "full": {
+        "all": {"dataset": "stanford_cars", "data_dir": "../shared/data/stanford_cars_small", "run_dir": "runs/full",
+                "quick": False, "device": "auto", "seed": 0},
+        "per_notebook": {},
+    },
+    # the smallest settings that still exercise every cell; used by the tests
+    "tiny": {
+        "all": {"dataset": "synthetic", "data_dir": "data/synthcars_tiny", "run_dir": "runs/tiny", "quick": True,
+                "device": "cpu", "seed": 0, "synth_preset": "tiny"},
+        "per_notebook": {},
+    },
+}
+PATH_PARAMETERS = ("data_dir", "run_dir", "checkpoint", "train_run_dir")
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised; the message names the notebook, the cell and the error."""
+
+
+def notebooks(only: list[str] | None = None, notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Path]:
+    """The numbered notebooks (``NN_name.ipynb``) in order, optionally only those whose number or name is given."""
+    found = sorted(p for p in notebooks_dir.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        wanted = set(only)
+        found = [p for p in found if p.name[:2] in wanted or p.stem in wanted or p.name in wanted]
+        if not found:
+            raise SystemExit(f"no notebook matches {only} in {notebooks_dir}")
+    return found
+
+
+def declared_parameters(path: Path) -> dict[str, Any]:
+    import papermill
+
+    return papermill.inspect_notebook(str(path))
+
+
+def parameters_for(notebook: Path, profile: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The profile's parameters plus overrides, restricted to those the notebook declares, paths made absolute."""
+    spec = PROFILES[profile]
+    params = {**spec["all"], **spec["per_notebook"].get(notebook.name[:2], {}), **overrides}
+    for key in PATH_PARAMETERS:
+        if isinstance(params.get(key), str) and params[key]:
+            params[key] = str((PROJECT_ROOT / params[key]).resolve()) if not os.path.isabs(params[key]) else params[key]
+    declared = declared_parameters(notebook)
+    return {k: v for k, v in params.items() if k in declared}
+
+
+def run_notebook(notebook: Path, output: Path, parameters: dict[str, Any], *, progress: bool = True) -> float:
+    """Execute one notebook with papermill from the notebooks' folder; return seconds; raise NotebookFailed."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name="python3",
+                                   cwd=str(notebook.parent), progress_bar=progress, request_save_on_cell_execute=True)
+    except PapermillExecutionError as err:
+        raise NotebookFailed(
+            f"{notebook.name} failed in cell {err.cell_index} (execution count {err.exec_count}): "
+            f"{err.ename}: {err.evalue}\n  the executed notebook, with the traceback, is {output}") from None
+    return time.perf_counter() - start
+
+
+def publish(run_dir: Path, project_root: Path = PROJECT_ROOT) -> list[Path]:
+    """Copy a run's figures and results into the repository's ``figures/`` and ``results/`` (the reference run)."""
+    import json
+
+    results = sorted((run_dir / "results").glob("*.json"))
+    synthetic = [p.name for p in results if json.loads(p.read_text()).get("dataset") == "synthetic"]
+    if synthetic:
+        raise SystemExit(f"refusing to publish SynthCars results as the reference run: {synthetic}")
+    copied = []
+    for kind in ("figures", "results"):
+        target = project_root / kind
+        target.mkdir(exist_ok=True)
+        for src in sorted((run_dir / kind).glob("*")):
+            shutil.copy2(src, target / src.name)
+            copied.append(target / src.name)
+    return copied
+
+
+def _parse_value(text: str) -> Any:
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vericar.study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                        help="override a parameter (Python literal or string); repeatable")
+    parser.add_argument("--only", nargs="+", help="notebook numbers or names to run (default: all)")
+    parser.add_argument("--publish", action="store_true",
+                        help="copy the run's figures/ and results/ into the repository (real-data runs only)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    overrides = {k: _parse_value(v) for k, v in args.parameter}
+    command = "python -m vericar.study " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    os.environ[COMMAND_ENV] = command
+    selected = notebooks(args.only)
+    run_dir = None
+    total = time.perf_counter()
+    for nb in selected:
+        params = parameters_for(nb, args.profile, overrides)
+        run_dir = Path(params.get("run_dir") or (PROJECT_ROOT / PROFILES[args.profile]["all"]["run_dir"]))
+        output = run_dir / "notebooks" / nb.name
+        print(f"[vericar.study] {nb.name} -> {output}", flush=True)
+        try:
+            seconds = run_notebook(nb, output, params, progress=not args.no_progress)
+        except NotebookFailed as err:
+            print(f"[vericar.study] FAILED: {err}", file=sys.stderr, flush=True)
+            return 1
+        print(f"[vericar.study] {nb.name} done in {seconds:.0f} s", flush=True)
+    print(f"[vericar.study] {len(selected)} notebooks in {time.perf_counter() - total:.0f} s; outputs in {run_dir}")
+    if args.publish and run_dir is not None:
+        copied = publish(run_dir)
+        print(f"[vericar.study] published {len(copied)} files into figures/ and results/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
