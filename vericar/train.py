@@ -1,0 +1,442 @@
+"""One training loop for the embedding model, producing a run folder that every later notebook reads.
+
+    python -m vericar.train --dataset stanford_cars --data-dir ../shared/data/stanford_cars_small \\
+        --protocol official --image-size 224 --epochs 30 --run-dir runs/full/models/official
+
+Three modes, one loop:
+
+* **fine-tune** (``train_backbone=True``): backbone + head trained end to end on images decoded once and
+  augmented on the device (random resized crop, flip, colour jitter), AdamW with separate learning rates,
+  linear warm-up + cosine decay per step, bf16 autocast and channels_last on CUDA. The GPU path.
+* **partial** (``train_backbone=False, trainable_stages=k``): the frozen trunk's outputs are computed once
+  (and cached on disk); the last ``k`` backbone stages and the head train on them. Most of a fine-tune's
+  gain for a fraction of its cost: the practical way to adapt the backbone on a 2-core CPU.
+* **head-only** (``train_backbone=False, trainable_stages=0``): the same with pooled backbone features;
+  the head trains in seconds.
+
+In the cached modes the features of mirrored images serve as augmentation.
+
+Batches are class-balanced (pytorch-metric-learning's ``MPerClassSampler``: ``batch_size / m`` classes,
+``m`` images each): plain shuffled batches of 64 over 196 classes leave most anchors without a positive,
+which starves the Multi-Similarity loss. Evaluation always uses the eval transform (no augmentation).
+
+A run folder holds ``config.json``, ``checkpoint.pt`` (resumable, saved every epoch), ``history.csv``
+(loss, learning rates, metrics per evaluation), ``embeddings.npz`` (trained and frozen-backbone
+embeddings of every image, float16) and ``metrics.json`` (frozen baseline vs trained). Calling
+:func:`train` on a finished run folder with the same config loads it instead of retraining.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.samplers import MPerClassSampler
+from tqdm.auto import tqdm
+
+from .data import CarsDataset, Split, make_split, open_dataset
+from .embed import augment, cached_features, decode_images, embed_batches, l2_normalize, resolve_device
+from .evaluation import evaluate_embeddings
+from .losses import level_label_matrix, make_loss
+from .models import build_model, split_backbone
+
+SAMPLERS = ("m_per_class", "shuffle")
+DEFAULT_CACHE = Path.home() / ".cache" / "vericar" / "features"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved as ``config.json``; a resumed run must match it)."""
+
+    protocol: str = "official"
+    backbone: str = "efficientnet_lite0"
+    pretrained: bool = True
+    image_size: int = 224
+    embedding_dim: int = 256
+    hidden_dim: int = 512
+    dropout: float = 0.1
+    train_backbone: bool = True
+    trainable_stages: int = 0  # with train_backbone=False: last backbone stages trained on cached trunk outputs
+    epochs: int = 20
+    batch_size: int = 128
+    m_per_class: int = 4
+    sampler: str = "m_per_class"
+    backbone_lr: float = 1e-4
+    head_lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    loss: str = "ms"
+    loss_kwargs: dict = field(default_factory=dict)
+    augment: bool = True
+    eval_augment: bool = False  # the seed's bug, reproduced on purpose: evaluate with train-time augmentation
+    eval_every: int = 1
+    eval_k: int = 1
+    amp: bool = True
+    seed: int = 0
+    device: str = "auto"
+    # split protocol parameters
+    val_fraction: float = 0.2
+    holdout: str = "model"
+    holdout_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}")
+        if self.sampler == "m_per_class" and self.batch_size % self.m_per_class:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of m_per_class ({self.m_per_class})")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class TrainedRun:
+    """A finished run folder, loaded: what notebooks 03-07 read."""
+
+    path: Path
+    config: TrainConfig
+    history: pd.DataFrame
+    embeddings: np.ndarray          # trained embeddings of every image of the dataset (L2-normalised)
+    frozen: np.ndarray              # frozen-backbone features of every image (L2-normalised)
+    metrics: dict[str, Any]
+    split: Split
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / "checkpoint.pt"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def split_for(cars: CarsDataset, config: TrainConfig) -> Split:
+    return make_split(cars, config.protocol, seed=config.seed, val_fraction=config.val_fraction,
+                      holdout=config.holdout, holdout_fraction=config.holdout_fraction)
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int):
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))
+    return f
+
+
+def _batches(labels: np.ndarray, config: TrainConfig, epoch: int) -> list[np.ndarray]:
+    """Positions (into the training set) of each batch of one epoch, deterministic from seed and epoch."""
+    n = len(labels)
+    np.random.seed(config.seed * 10_007 + epoch)  # MPerClassSampler draws from numpy's global RNG
+    if config.sampler == "shuffle":
+        order = np.random.permutation(n)
+    else:
+        classes = len(np.unique(labels))
+        if classes * config.m_per_class < config.batch_size:
+            raise ValueError(f"{classes} training classes x m_per_class {config.m_per_class} < batch size "
+                             f"{config.batch_size}; lower the batch size")
+        sampler = MPerClassSampler(labels, m=config.m_per_class, batch_size=config.batch_size,
+                                   length_before_new_iter=n)
+        order = np.fromiter(iter(sampler), dtype=np.int64)
+    steps = max(1, len(order) // config.batch_size)
+    return [order[i * config.batch_size:(i + 1) * config.batch_size] for i in range(steps)]
+
+
+def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split: Split | None = None,
+          train_labels: np.ndarray | None = None, cache_dir: str | Path | None = DEFAULT_CACHE,
+          progress: bool = True, resume: bool = True) -> TrainedRun:
+    """Train an embedding model on ``split`` (default: ``config.protocol``'s) and write the run folder.
+
+    ``train_labels`` replaces the labels of the training images (0-based class indices, aligned with
+    ``split.train``), e.g. to reproduce corrupted labels; evaluation always uses the true labels.
+    ``cache_dir`` keeps backbone features between head-only runs (``None``: no disk cache).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    split = split if split is not None else split_for(cars, config)
+    config_json = {**config.to_json(), "dataset": cars.name, "data_root": str(cars.root)}
+    if (run_dir / "metrics.json").is_file() and resume and _same_config(run_dir, config_json):
+        return load_run(run_dir, cars)
+
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model = build_model(config.backbone, config.embedding_dim, pretrained=config.pretrained,
+                        dropout=config.dropout, hidden_dim=config.hidden_dim)
+    spec = model.spec
+    (run_dir / "config.json").write_text(json.dumps(config_json, indent=2))
+
+    labels_all = cars.labels
+    y_train = labels_all[split.train] if train_labels is None else np.asarray(train_labels, dtype=np.int64)
+    if len(y_train) != len(split.train):
+        raise ValueError(f"train_labels has {len(y_train)} entries for {len(split.train)} training images")
+    loss_fn = make_loss(config.loss, **config.loss_kwargs)
+    level_labels = (torch.from_numpy(level_label_matrix(y_train, cars.hierarchy))
+                    if getattr(loss_fn, "needs_level_labels", False) else None)
+
+    # ---- inputs: decoded images (fine-tune) or cached frozen-trunk outputs (head-only / partial) ----------
+    if config.eval_augment and not config.train_backbone:
+        raise ValueError("eval_augment reproduces evaluating with train-time image augmentation; it needs "
+                         "train_backbone=True (head-only and partial runs evaluate cached features)")
+    tail = None
+    if config.train_backbone:
+        images = decode_images(cars, np.arange(len(cars)), config.image_size, spec.interpolation,
+                               progress=progress)
+        model = model.to(device).to(memory_format=torch.channels_last).eval()
+        frozen = l2_normalize(embed_batches(model.features, images, spec, device=device, amp=config.amp,
+                                            progress=progress, desc="frozen features"))
+        cached = flipped = None
+    else:
+        trunk, tail = split_backbone(model.backbone, config.trainable_stages)
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+        for p in tail.parameters():
+            p.requires_grad_(True)
+        if cache_dir is None:
+            import tempfile
+            cache_dir = tempfile.mkdtemp(prefix="vericar-features-")
+        kw = dict(tag=f"trunk-{config.trainable_stages}", device=device, progress=progress)
+        cached = cached_features(cars, trunk, spec, config.image_size, cache_dir, **kw)
+        flipped = (cached_features(cars, trunk, spec, config.image_size, cache_dir, flip=True, **kw)
+                   if config.augment else None)
+        images = None
+        model = model.to(device).eval()
+        frozen = l2_normalize(_apply_cached(tail, cached, device))
+
+    def embed_all() -> np.ndarray:
+        """Embeddings of every image in eval mode (with train-time augmentation only if eval_augment)."""
+        model.eval()
+        if cached is not None:
+            return _apply_cached(lambda x: F.normalize(model.head(tail(x)), dim=-1), cached, device)
+        if config.eval_augment:
+            gen = torch.Generator().manual_seed(config.seed + 99)
+            return embed_batches(lambda x: model(_augment_normalized(x, spec, gen)), images, spec,
+                                 device=device, amp=config.amp, progress=False, desc="embedding")
+        return embed_batches(model, images, spec, device=device, amp=config.amp, progress=False, desc="embedding")
+
+    def evaluate(emb: np.ndarray) -> dict[str, float]:
+        return evaluate_embeddings(emb, cars, split, k=config.eval_k, device=str(device))
+
+    frozen_metrics = evaluate(frozen)
+    params = model.param_groups(config.backbone_lr, config.head_lr, config.weight_decay)
+    optimizer = torch.optim.AdamW(params)
+    steps_per_epoch = len(_batches(y_train, config, 0))
+    total = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(total, int(round(config.warmup_epochs * steps_per_epoch))))
+
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    ckpt_path = run_dir / "checkpoint.pt"
+    if resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ckpt.get("config") == config_json and ckpt.get("epoch", 0) < config.epochs:
+            _load_weights(model, ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            history, start_epoch = ckpt["history"], ckpt["epoch"]
+
+    train_rows = torch.from_numpy(split.train)
+    y_train_t = torch.from_numpy(y_train)
+    train_seconds = sum(h.get("seconds", 0.0) for h in history)
+    images_seen = sum(h.get("images", 0) for h in history)
+    bar = tqdm(range(start_epoch, config.epochs), desc="training", disable=not progress,
+               initial=start_epoch, total=config.epochs)
+    for epoch in bar:
+        torch.manual_seed(config.seed * 7919 + epoch)  # dropout; makes resumed runs equal uninterrupted ones
+        gen = torch.Generator().manual_seed(config.seed * 104_729 + epoch)
+        model.train()
+        if not config.train_backbone:
+            model.backbone.eval()  # frozen trunk; the trainable tail (if any) trains its norms
+            tail.train()
+        losses = []
+        t0 = time.perf_counter()
+        n_images = 0
+        for positions in _batches(y_train, config, epoch):
+            pos = torch.from_numpy(positions)
+            rows = train_rows[pos]
+            y = y_train_t[pos].to(device)
+            if cached is not None:
+                x = torch.from_numpy(cached[rows.numpy()])
+                if flipped is not None:
+                    use_flip = (torch.rand(len(rows), generator=gen) < 0.5).view(-1, *[1] * (x.ndim - 1))
+                    x = torch.where(use_flip, torch.from_numpy(flipped[rows.numpy()]), x)
+                emb = F.normalize(model.head(tail(x.to(device))), dim=-1)
+            else:
+                xb = images[rows].to(device, non_blocking=True).float().div_(255)
+                if config.augment:
+                    xb = augment(xb, gen)
+                xb = _normalize_float(xb, spec).contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and config.amp):
+                    emb = model(xb)
+                emb = emb.float()
+            level = level_labels[pos].to(device) if level_labels is not None else None
+            loss = loss_fn(emb, y, level_labels=level)
+            optimizer.zero_grad(set_to_none=True)
+            if loss.requires_grad:
+                loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            n_images += len(rows)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        train_seconds += seconds
+        images_seen += n_images
+        record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": seconds, "images": n_images,
+                  "images_per_second": n_images / max(seconds, 1e-9),
+                  **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
+        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+            record.update(evaluate(embed_all()))
+        history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", p1=f"{record.get('precision_at_1', float('nan')):.3f}")
+        torch.save({"model": _trainable_state(model, config), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
+                    "config": config_json, "model_config": model.config}, ckpt_path)
+
+    trained = embed_all()
+    final = evaluate(trained)
+    metrics = {"frozen": frozen_metrics, "trained": final, "train_seconds": train_seconds,
+               "images_per_second": images_seen / max(train_seconds, 1e-9), "device": _device_name(device),
+               "steps_per_epoch": steps_per_epoch, "train_images": len(split.train)}
+    pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
+    np.savez_compressed(run_dir / "embeddings.npz", trained=trained.astype(np.float16),
+                        frozen=frozen.astype(np.float16), labels=labels_all, **_split_arrays(split))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return load_run(run_dir, cars)
+
+
+@torch.no_grad()
+def _apply_cached(fn, cached: np.ndarray, device, batch_size: int = 1024) -> np.ndarray:
+    """``fn`` over cached inputs in batches (no gradients), float32 numpy out."""
+    out = [fn(torch.from_numpy(cached[i:i + batch_size]).to(device)).float().cpu()
+           for i in range(0, len(cached), batch_size)]
+    return torch.cat(out).numpy()
+
+
+def _normalize_float(x: torch.Tensor, spec) -> torch.Tensor:
+    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _augment_normalized(x: torch.Tensor, spec, gen: torch.Generator) -> torch.Tensor:
+    """Undo normalisation, augment, normalise again (used only to reproduce eval-with-augmentation)."""
+    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
+    return _normalize_float(augment((x * std + mean).clamp(0, 1), gen), spec)
+
+
+def _trainable_state(model, config: TrainConfig) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if not config.train_backbone and config.trainable_stages == 0:  # pretrained backbone untouched: head only
+        state = {k: v for k, v in state.items() if k.startswith("head.")}
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def _load_weights(model, state: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or (missing and any(k.startswith("head.") for k in missing)):
+        raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    import os
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _split_arrays(split: Split) -> dict[str, np.ndarray]:
+    return {f"split_{k}": getattr(split, k) for k in ("train", "database", "query", "ood_query", "ood_database",
+                                                         "heldout_class_ids")}
+
+
+def _same_config(run_dir: Path, config_json: dict[str, Any]) -> bool:
+    path = run_dir / "config.json"
+    return path.is_file() and json.loads(path.read_text()) == config_json
+
+
+def load_run(run_dir: str | Path, cars: CarsDataset | None = None) -> TrainedRun:
+    """Load a finished run folder (made by :func:`train`, here or on another machine)."""
+    run_dir = Path(run_dir)
+    needed = [run_dir / f for f in ("config.json", "embeddings.npz", "metrics.json")]
+    missing = [p.name for p in needed if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{run_dir} is not a finished training run (missing {missing}); run notebook "
+                                "03_training or `python -m vericar.train` to make it")
+    config_json = json.loads((run_dir / "config.json").read_text())
+    config = TrainConfig.from_json(config_json)
+    data = np.load(run_dir / "embeddings.npz")
+    if cars is not None and len(cars) != len(data["labels"]):
+        raise ValueError(f"{run_dir} was trained on a dataset of {len(data['labels'])} images, not this one "
+                         f"({len(cars)}): pass the same data_dir")
+    split = Split(config.protocol, train=data["split_train"], database=data["split_database"],
+                  query=data["split_query"], ood_query=data["split_ood_query"],
+                  ood_database=data["split_ood_database"], heldout_class_ids=data["split_heldout_class_ids"])
+    history_path = run_dir / "history.csv"
+    history = pd.read_csv(history_path) if history_path.is_file() else pd.DataFrame()
+    return TrainedRun(path=run_dir, config=config, history=history,
+                      embeddings=data["trained"].astype(np.float32), frozen=data["frozen"].astype(np.float32),
+                      metrics=json.loads((run_dir / "metrics.json").read_text()), split=split)
+
+
+def load_model(run: TrainedRun | str | Path, device: str = "cpu"):
+    """The trained :class:`~vericar.models.EmbeddingModel` of a run folder, in eval mode."""
+    run = run if isinstance(run, TrainedRun) else load_run(run)
+    ckpt = torch.load(run.model_path, map_location="cpu", weights_only=False)
+    cfg = run.config
+    model = build_model(cfg.backbone, cfg.embedding_dim, pretrained=cfg.pretrained and not cfg.train_backbone,
+                        dropout=cfg.dropout, hidden_dim=cfg.hidden_dim)
+    _load_weights(model, ckpt["model"])
+    return model.to(resolve_device(device)).eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vericar.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "stanford_cars"])
+    parser.add_argument("--data-dir", default="data/synthcars")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "loss_kwargs":
+            continue
+        default = f.default
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=default,
+                                metavar="BOOL")
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+    args = vars(parser.parse_args(argv))
+    cars = open_dataset(args.pop("dataset"), args.pop("data_dir"))
+    run_dir, cache_dir = args.pop("run_dir"), args.pop("cache_dir")
+    config = TrainConfig(**args)
+    run = train(cars, config, run_dir, cache_dir=cache_dir)
+    print(json.dumps({"frozen": run.metrics["frozen"], "trained": run.metrics["trained"],
+                      "train_seconds": run.metrics["train_seconds"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
