@@ -546,3 +546,46 @@ def train_transform(spec: BackboneSpec, image_size: int | None = None) -> v2.Com
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=list(spec.mean), std=list(spec.std)),
     ])
+
+
+# --------------------------------------------------------------------------------------------------
+# Trunk / tail split (partial fine-tuning on cached trunk features)
+# --------------------------------------------------------------------------------------------------
+
+def split_backbone(backbone: nn.Module, trainable_stages: int) -> tuple[nn.Module, nn.Module]:
+    """Split a backbone into a frozen ``trunk`` and a trainable ``tail``: ``backbone(x) == tail(trunk(x))``.
+
+    ``trainable_stages`` counts the last stages in the tail: EfficientNet's block stages (the tail also holds
+    ``conv_head`` and its norm), ResNet's ``layer1..4``, the tiny CNN's conv layers. ``0`` gives
+    ``(backbone, Identity)``. The tail *shares* the backbone's modules, so training it trains the backbone
+    and the model's ``state_dict`` stays the whole model's.
+    """
+    if trainable_stages <= 0:
+        return backbone, nn.Identity()
+    if hasattr(backbone, "blocks") and hasattr(backbone, "conv_head"):  # timm EfficientNet family
+        stages = list(backbone.blocks)
+        _check_stages(trainable_stages, len(stages))
+        cut = len(stages) - trainable_stages
+        trunk = nn.Sequential(backbone.conv_stem, backbone.bn1, *stages[:cut])
+        tail = nn.Sequential(*stages[cut:], backbone.conv_head, backbone.bn2, backbone.global_pool)
+        return trunk, tail
+    if hasattr(backbone, "layer4") and hasattr(backbone, "avgpool"):  # torchvision ResNet
+        layers = [backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4]
+        _check_stages(trainable_stages, len(layers))
+        cut = len(layers) - trainable_stages
+        trunk = nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool, *layers[:cut])
+        tail = nn.Sequential(*layers[cut:], backbone.avgpool, nn.Flatten(1))
+        return trunk, tail
+    if isinstance(backbone, nn.Sequential) and isinstance(backbone[-1], nn.Flatten):  # tiny_cnn
+        convs = list(backbone)[:-2]
+        _check_stages(trainable_stages, len(convs))
+        cut = len(convs) - trainable_stages
+        return nn.Sequential(*convs[:cut]), nn.Sequential(*convs[cut:], backbone[-2], backbone[-1])
+    raise ValueError(f"partial fine-tuning is not supported for {type(backbone).__name__}; use "
+                     "trainable_stages=0 (head only) or train_backbone=True")
+
+
+def _check_stages(k: int, n: int) -> None:
+    if k >= n:
+        raise ValueError(f"trainable_stages={k} leaves no trunk (the backbone has {n} stages); use "
+                         "train_backbone=True to train all of it")

@@ -31,18 +31,25 @@ PROFILES: dict[str, dict[str, Any]] = {
     "quick": {
         "all": {"dataset": "synthetic", "data_dir": "data/synthcars", "run_dir": "runs/quick", "quick": True,
                 "device": "auto", "seed": 0},
-        "per_notebook": {},
+        "per_notebook": {
+            "03": {"image_size": 128, "epochs": 15, "batch_size": 64, "trainable_stages": 1},
+        },
     },
     "full": {
         "all": {"dataset": "stanford_cars", "data_dir": "../shared/data/stanford_cars_small", "run_dir": "runs/full",
                 "quick": False, "device": "auto", "seed": 0},
-        "per_notebook": {},
+        "per_notebook": {
+            "03": {"image_size": 160, "epochs": 15, "batch_size": 128, "trainable_stages": 1},
+        },
     },
     # the smallest settings that still exercise every cell; used by the tests
     "tiny": {
         "all": {"dataset": "synthetic", "data_dir": "data/synthcars_tiny", "run_dir": "runs/tiny", "quick": True,
                 "device": "cpu", "seed": 0, "synth_preset": "tiny"},
-        "per_notebook": {},
+        "per_notebook": {
+            "03": {"backbone": "tiny_cnn", "image_size": 32, "epochs": 2, "batch_size": 16, "m_per_class": 4,
+                   "trainable_stages": 1},
+        },
     },
 }
 PATH_PARAMETERS = ("data_dir", "run_dir", "checkpoint", "train_run_dir")

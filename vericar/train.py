@@ -205,20 +205,27 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
                                             progress=progress, desc="frozen features"))
         cached = flipped = None
     else:
-        trunk, tail = split_backbone(model.backbone, config.trainable_stages)
+        # Cache the trunk before the last stage even for head-only runs: head-only then applies the frozen
+        # tail once, and head-only and last-stage runs share one pass over the images.
+        cache_stages = config.trainable_stages or _default_cache_stages(model.backbone)
+        trunk, tail = split_backbone(model.backbone, cache_stages)
         for p in model.backbone.parameters():
             p.requires_grad_(False)
-        for p in tail.parameters():
-            p.requires_grad_(True)
         if cache_dir is None:
             import tempfile
             cache_dir = tempfile.mkdtemp(prefix="vericar-features-")
-        kw = dict(tag=f"trunk-{config.trainable_stages}", device=device, progress=progress)
+        kw = dict(tag=f"trunk-{cache_stages}", device=device, progress=progress)
         cached = cached_features(cars, trunk, spec, config.image_size, cache_dir, **kw)
         flipped = (cached_features(cars, trunk, spec, config.image_size, cache_dir, flip=True, **kw)
                    if config.augment else None)
         images = None
         model = model.to(device).eval()
+        if config.trainable_stages == 0 and cache_stages > 0:  # head only: pool through the frozen tail once
+            cached = _apply_cached(tail, cached, device)
+            flipped = _apply_cached(tail, flipped, device) if flipped is not None else None
+            tail = torch.nn.Identity()
+        for p in tail.parameters():
+            p.requires_grad_(True)
         frozen = l2_normalize(_apply_cached(tail, cached, device))
 
     def embed_all() -> np.ndarray:
@@ -323,6 +330,15 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
                         frozen=frozen.astype(np.float16), labels=labels_all, **_split_arrays(split))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return load_run(run_dir, cars)
+
+
+def _default_cache_stages(backbone) -> int:
+    """1 where the backbone splits into trunk + last stage (EfficientNet, ResNet, tiny CNN), else 0."""
+    try:
+        split_backbone(backbone, 1)
+        return 1
+    except ValueError:
+        return 0
 
 
 @torch.no_grad()

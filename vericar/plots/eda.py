@@ -1,4 +1,4 @@
-"""Figures of the study (matplotlib/seaborn). Each function returns its Figure; notebooks show and save it."""
+"""EDA figures (notebook 01)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-sns.set_theme(style="whitegrid", context="notebook")
-
-
-def _level_palette(values: Sequence) -> dict:
-    uniq = list(dict.fromkeys(values))
-    colors = sns.color_palette("tab20" if len(uniq) > 10 else "tab10", n_colors=len(uniq))
-    return dict(zip(uniq, colors))
+__all__ = ["class_count_figure", "level_count_figure", "size_figure", "image_grid", "hierarchy_figure", "pair_grid"]
 
 
 # -- EDA ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Figures for notebook embedding (filled in by its notebook's work)."""

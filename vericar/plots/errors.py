@@ -1,0 +1,1 @@
+"""Figures for notebook errors (filled in by its notebook's work)."""

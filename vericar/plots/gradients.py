@@ -1,0 +1,1 @@
+"""Figures for notebook gradients (filled in by its notebook's work)."""

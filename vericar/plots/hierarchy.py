@@ -1,0 +1,1 @@
+"""Figures for notebook hierarchy (filled in by its notebook's work)."""

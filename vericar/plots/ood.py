@@ -1,0 +1,1 @@
+"""Figures for notebook ood (filled in by its notebook's work)."""
