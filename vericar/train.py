@@ -161,12 +161,14 @@ def _batches(labels: np.ndarray, config: TrainConfig, epoch: int) -> list[np.nda
 
 def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split: Split | None = None,
           train_labels: np.ndarray | None = None, cache_dir: str | Path | None = DEFAULT_CACHE,
-          progress: bool = True, resume: bool = True) -> TrainedRun:
+          progress: bool = True, resume: bool = True, callback=None) -> TrainedRun:
     """Train an embedding model on ``split`` (default: ``config.protocol``'s) and write the run folder.
 
     ``train_labels`` replaces the labels of the training images (0-based class indices, aligned with
     ``split.train``), e.g. to reproduce corrupted labels; evaluation always uses the true labels.
-    ``cache_dir`` keeps backbone features between head-only runs (``None``: no disk cache).
+    ``cache_dir`` keeps backbone features between cached-mode runs (``None``: a temporary folder).
+    ``callback(epoch, record)`` is called after each epoch's checkpoint is written (e.g. to plot live, or
+    to stop: an exception raised there leaves a resumable run folder).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -316,9 +318,11 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
             record.update(evaluate(embed_all()))
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", p1=f"{record.get('precision_at_1', float('nan')):.3f}")
-        torch.save({"model": _trainable_state(model, config), "optimizer": optimizer.state_dict(),
+        torch.save({"model": _model_state(model), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
                     "config": config_json, "model_config": model.config}, ckpt_path)
+        if callback is not None:
+            callback(epoch + 1, record)
 
     trained = embed_all()
     final = evaluate(trained)
@@ -362,16 +366,14 @@ def _augment_normalized(x: torch.Tensor, spec, gen: torch.Generator) -> torch.Te
     return _normalize_float(augment((x * std + mean).clamp(0, 1), gen), spec)
 
 
-def _trainable_state(model, config: TrainConfig) -> dict[str, torch.Tensor]:
-    state = model.state_dict()
-    if not config.train_backbone and config.trainable_stages == 0:  # pretrained backbone untouched: head only
-        state = {k: v for k, v in state.items() if k.startswith("head.")}
-    return {k: v.detach().cpu() for k, v in state.items()}
+def _model_state(model) -> dict[str, torch.Tensor]:
+    """The whole model's weights (also in cached modes: a random-init backbone is not rebuildable)."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def _load_weights(model, state: dict[str, torch.Tensor]) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or (missing and any(k.startswith("head.") for k in missing)):
+    if missing or unexpected:
         raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
@@ -421,8 +423,8 @@ def load_model(run: TrainedRun | str | Path, device: str = "cpu"):
     run = run if isinstance(run, TrainedRun) else load_run(run)
     ckpt = torch.load(run.model_path, map_location="cpu", weights_only=False)
     cfg = run.config
-    model = build_model(cfg.backbone, cfg.embedding_dim, pretrained=cfg.pretrained and not cfg.train_backbone,
-                        dropout=cfg.dropout, hidden_dim=cfg.hidden_dim)
+    model = build_model(cfg.backbone, cfg.embedding_dim, pretrained=False, dropout=cfg.dropout,
+                        hidden_dim=cfg.hidden_dim)  # every weight comes from the checkpoint
     _load_weights(model, ckpt["model"])
     return model.to(resolve_device(device)).eval()
 

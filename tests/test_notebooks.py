@@ -1,0 +1,87 @@
+"""Every numbered notebook runs through the study runner (papermill) on the tiny profile, in order.
+
+The notebooks share one run folder, as in a real study run: 03 trains the models that 04-07 read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import nbformat
+import papermill
+import pytest
+
+from vericar import study
+
+NOTEBOOKS = study.notebooks()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return tmp_path_factory.mktemp("study") / "tiny"
+
+
+def test_every_notebook_declares_its_parameters():
+    """papermill silently drops a parameter line it cannot parse; every assignment in the cell must be declared."""
+    for nb_path in NOTEBOOKS:
+        nb = nbformat.read(nb_path, as_version=4)
+        cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(cells) == 1, f"{nb_path.name} needs exactly one parameters cell"
+        assigned = re.findall(r"^(\w+)\s*=", cells[0].source, flags=re.M)
+        declared = set(papermill.inspect_notebook(str(nb_path)))
+        assert set(assigned) == declared, f"{nb_path.name}: unparsed parameters {set(assigned) - declared}"
+        for name in ("dataset", "data_dir", "run_dir", "seed"):
+            assert name in declared, f"{nb_path.name} lacks the parameter {name}"
+        assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
+
+
+def test_notebooks_have_no_committed_outputs():
+    for nb_path in NOTEBOOKS:
+        nb = nbformat.read(nb_path, as_version=4)
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), nb_path.name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_on_tiny_profile(notebook, tiny_run):
+    code = study.main(["--profile", "tiny", "--only", notebook.name[:2], "--no-progress",
+                       "-p", "run_dir", str(tiny_run)])
+    assert code == 0, f"{notebook.name} failed; see {tiny_run / 'notebooks' / notebook.name}"
+    results = tiny_run / "results" / f"{notebook.stem}.json"
+    assert results.is_file(), f"{notebook.name} wrote no results file"
+    payload = json.loads(results.read_text())
+    entries = payload.get("entries", [payload])
+    for entry in entries:
+        for key in ("dataset", "protocol", "backbone", "image_size", "device", "metrics"):
+            assert key in entry, f"{results.name} entry lacks {key}"
+        assert entry["dataset"] == "synthetic"
+    assert payload["command"].startswith("python -m vericar.study")
+    assert list((tiny_run / "figures").glob(f"{notebook.name[:2]}_*.png")), f"{notebook.name} saved no figure"
+
+
+def test_failing_notebook_names_the_cell(tmp_path, capsys):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    params = nbformat.v4.new_code_cell("run_dir = 'x'\nseed = 0")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("raise ValueError('boom')")]
+    path = tmp_path / "99_fail.ipynb"
+    nbformat.write(nb, path)
+    with pytest.raises(study.NotebookFailed, match=r"99_fail.ipynb failed in cell 2 .*ValueError: boom"):
+        study.run_notebook(path, tmp_path / "out" / path.name, {"run_dir": str(tmp_path)}, progress=False)
+
+
+def test_parameters_are_filtered_to_declared_and_paths_made_absolute():
+    nb = next(p for p in NOTEBOOKS if p.name.startswith("01"))
+    params = study.parameters_for(nb, "quick", {"epochs": 3, "data_dir": "data/x"})
+    assert "epochs" not in params  # 01 does not declare it
+    assert params["data_dir"] == str((study.PROJECT_ROOT / "data" / "x").resolve())
+    assert params["dataset"] == "synthetic"
+
+
+def test_publish_refuses_synthetic_results(tmp_path):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "01_eda.json").write_text(json.dumps({"dataset": "synthetic"}))
+    with pytest.raises(SystemExit, match="refusing to publish SynthCars"):
+        study.publish(tmp_path, project_root=tmp_path / "repo")

@@ -1,0 +1,113 @@
+"""Training, embedding and the run folder: learning beats the frozen baseline, runs are deterministic and resumable."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from vericar.embed import augment, decode_images, embed_batches
+from vericar.train import TrainConfig, load_model, load_run, train
+
+TINY = TrainConfig(protocol="official", backbone="tiny_cnn", pretrained=False, image_size=32, epochs=3,
+                   batch_size=16, m_per_class=4, backbone_lr=3e-3, head_lr=3e-3, device="cpu")
+
+
+def test_fine_tuning_beats_its_frozen_baseline(synthcars_tiny, tmp_path):
+    config = dataclasses.replace(TINY, epochs=10, backbone_lr=1e-2, head_lr=1e-2, eval_every=5)
+    run = train(synthcars_tiny, config, tmp_path / "run", progress=False)
+    frozen, trained = run.metrics["frozen"], run.metrics["trained"]
+    assert trained["map_at_r"] > frozen["map_at_r"] + 0.03
+    assert trained["precision_at_1"] > frozen["precision_at_1"]
+    assert len(run.history) == 10 and run.history["loss"].notna().all()
+    assert run.history["map_at_r"].notna().sum() == 2  # evaluated at epochs 5 and 10
+    assert run.embeddings.shape == (len(synthcars_tiny), 256)
+    assert np.allclose(np.linalg.norm(run.embeddings, axis=1), 1, atol=1e-2)
+    for name in ("config.json", "checkpoint.pt", "history.csv", "embeddings.npz", "metrics.json"):
+        assert (tmp_path / "run" / name).is_file()
+
+
+def test_training_is_deterministic(synthcars_tiny, tmp_path):
+    a = train(synthcars_tiny, TINY, tmp_path / "a", progress=False)
+    b = train(synthcars_tiny, TINY, tmp_path / "b", progress=False)
+    assert np.array_equal(a.embeddings, b.embeddings)
+    assert a.history["loss"].tolist() == b.history["loss"].tolist()
+
+
+def test_interrupted_run_resumes_to_the_same_result(synthcars_tiny, tmp_path):
+    full = train(synthcars_tiny, TINY, tmp_path / "full", progress=False)
+
+    def stop_after_first_epoch(epoch, record):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(synthcars_tiny, TINY, tmp_path / "resumed", progress=False, callback=stop_after_first_epoch)
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    resumed = train(synthcars_tiny, TINY, tmp_path / "resumed", progress=False)
+    assert resumed.history["epoch"].tolist() == [1, 2, 3]
+    np.testing.assert_allclose(resumed.embeddings, full.embeddings, atol=2e-3)
+
+
+def test_finished_run_is_loaded_not_retrained(synthcars_tiny, tmp_path):
+    train(synthcars_tiny, TINY, tmp_path / "r", progress=False)
+    called = []
+    again = train(synthcars_tiny, TINY, tmp_path / "r", progress=False, callback=lambda *a: called.append(a))
+    assert not called and again.metrics["trained"]
+    with pytest.raises(FileNotFoundError, match="notebook 03_training"):
+        load_run(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("stages", [0, 1])
+def test_cached_modes_train_and_reload(synthcars_tiny, tmp_path, stages):
+    config = dataclasses.replace(TINY, train_backbone=False, trainable_stages=stages, epochs=2)
+    run = train(synthcars_tiny, config, tmp_path / "run", cache_dir=tmp_path / "cache", progress=False)
+    model = load_model(run)
+    images = decode_images(synthcars_tiny, np.arange(6), 32, model.spec.interpolation, progress=False)
+    again = embed_batches(model, images, model.spec, progress=False)
+    np.testing.assert_allclose(again, run.embeddings[:6], atol=2e-3)  # embeddings are stored in float16
+    assert list((tmp_path / "cache").glob("features-tiny_cnn-trunk-1-32px-*.npy"))
+
+
+def test_head_only_leaves_the_pretrained_backbone_untouched(synthcars_tiny, tmp_path):
+    from vericar.models import build_backbone
+
+    config = dataclasses.replace(TINY, backbone="efficientnet_lite0", pretrained=True, train_backbone=False,
+                                 trainable_stages=0, epochs=1, image_size=48, augment=False)
+    run = train(synthcars_tiny, config, tmp_path / "run", cache_dir=tmp_path / "cache", progress=False)
+    state = torch.load(run.model_path, weights_only=False)["model"]
+    pretrained, _ = build_backbone("efficientnet_lite0")
+    for name, value in pretrained.state_dict().items():
+        assert torch.equal(state[f"backbone.{name}"], value), name
+
+
+def test_train_labels_override_and_validation(synthcars_tiny, tmp_path):
+    from vericar.train import split_for
+    split = split_for(synthcars_tiny, TINY)
+    with pytest.raises(ValueError, match="train_labels has 3 entries"):
+        train(synthcars_tiny, TINY, tmp_path / "x", train_labels=np.zeros(3, dtype=int), progress=False)
+    assert len(split.train) > 3
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="multiple of m_per_class"):
+        TrainConfig(batch_size=30, m_per_class=4)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        TrainConfig(sampler="random")
+
+
+def test_augment_is_batched_deterministic_and_bounded():
+    x = torch.rand(8, 3, 32, 32)
+    a = augment(x, torch.Generator().manual_seed(0))
+    b = augment(x, torch.Generator().manual_seed(0))
+    c = augment(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= 0 and a.max() <= 1
+    same = augment(x, torch.Generator().manual_seed(0), scale=(1, 1), ratio=(1, 1), flip=False, jitter=0)
+    torch.testing.assert_close(same, x, atol=1e-5, rtol=0)
+    flipped = augment(x[:1].expand(64, -1, -1, -1), torch.Generator().manual_seed(0), scale=(1, 1),
+                      ratio=(1, 1), jitter=0)
+    is_flipped = [torch.allclose(f, x[0].flip(-1), atol=1e-5) for f in flipped]
+    assert 10 < sum(is_flipped) < 54  # about half of them mirrored
