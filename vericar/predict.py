@@ -1,0 +1,115 @@
+"""Name a car from a photo, flag cars that are in no database, and add new cars without retraining.
+
+>>> identifier = CarIdentifier.from_run("runs/full/models/open-world", cars)
+>>> identifier.identify([photo])          # make / type / model / year, a confidence each, known or not
+>>> identifier.add(photos_of_new_model, "Zentra Volo Sedan 2013")   # recognised from now on
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from .data.dataset import CarsDataset
+from .data.hierarchy import parse_class_name
+from .embed import embed_batches, resolve_device
+from .ood import knn_scores, threshold_at_tpr
+from .retrieval import KNNIndex, hierarchical_predict
+from .train import TrainedRun, load_model, load_run
+
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+class CarIdentifier:
+    """K-NN identification at every level of make > type > model > year, with a KNN+ "unknown car" flag.
+
+    ``database_embeddings`` (L2-normalised) and ``database_labels`` (0-based class indices into
+    ``class_table``, one row per class with ``class_name, make, type, model, year``) form the database.
+    Identification votes over the ``k`` nearest database images at each level independently
+    (:func:`vericar.retrieval.hierarchical_predict`); the KNN+ score is minus the distance to the
+    ``ood_k``-th nearest database image, and a car is *known* when its score clears the threshold that
+    accepts ``tpr`` of the database's own images (leave-one-out), the in-distribution side only.
+    """
+
+    def __init__(self, model, image_size: int, database_embeddings: np.ndarray, database_labels: np.ndarray,
+                 class_table: pd.DataFrame, *, k: int = 5, ood_k: int = 1, tpr: float = 0.95,
+                 device: str = "cpu") -> None:
+        self.model = model.eval() if model is not None else None
+        self.image_size = image_size
+        self.device = resolve_device(device)
+        self.k, self.ood_k, self.tpr = k, ood_k, tpr
+        self.class_table = class_table[["class_name", "make", "type", "model", "year"]].reset_index(drop=True)
+        self.index = KNNIndex(database_embeddings, np.asarray(database_labels, dtype=np.int64), device=str(self.device))
+        self.calibrate()
+
+    @classmethod
+    def from_run(cls, run: TrainedRun | str | Path, cars: CarsDataset, *, k: int = 5, ood_k: int = 1,
+                 tpr: float = 0.95, device: str = "cpu") -> "CarIdentifier":
+        """An identifier over a trained run's database (its split's ``database`` images)."""
+        run = run if isinstance(run, TrainedRun) else load_run(run, cars)
+        model = load_model(run, device=device)
+        rows = run.split.database
+        return cls(model, run.config.image_size, run.embeddings[rows], cars.labels[rows], cars.hierarchy,
+                   k=k, ood_k=ood_k, tpr=tpr, device=device)
+
+    def calibrate(self) -> float:
+        """Set the KNN+ threshold so ``tpr`` of the database's images (leave-one-out) count as known."""
+        scores = knn_scores(self.index.embeddings, self.index.embeddings, self.ood_k, exclude_self=True)
+        self.threshold = threshold_at_tpr(scores, self.tpr)
+        return self.threshold
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Embeddings of PIL images, prepared exactly as in training's evaluation (square resize, normalise)."""
+        if self.model is None:
+            raise RuntimeError("this identifier has no model; pass embeddings instead of images")
+        resample = _RESAMPLE[self.model.spec.interpolation]
+        batch = torch.stack([torch.from_numpy(np.array(im.convert("RGB").resize(
+            (self.image_size, self.image_size), resample), dtype=np.uint8)).permute(2, 0, 1) for im in images])
+        return embed_batches(self.model, batch, self.model.spec, device=self.device, progress=False)
+
+    def identify(self, images_or_embeddings, k: int | None = None) -> pd.DataFrame:
+        """One row per car: predicted ``make, type, model, year, class_name`` with a confidence per level
+        (vote share among the ``k`` neighbours), the KNN+ ``score`` and ``known`` (False: in no database)."""
+        q = self._embeddings(images_or_embeddings)
+        k = min(k or self.k, len(self.index))
+        distances, neighbours = self.index.search(q, k)
+        pred = hierarchical_predict(self.index.labels[neighbours], distances, self.class_table)
+        scores = knn_scores(q, self.index.embeddings, self.ood_k)
+        out = pred[["make", "type", "model", "year", "make_confidence", "type_confidence", "model_confidence",
+                    "year_confidence"]].copy()
+        out.insert(4, "class_name", self.class_table["class_name"].to_numpy()[pred["class_index"].to_numpy()])
+        out["score"] = scores
+        out["known"] = scores >= self.threshold
+        return out
+
+    def add(self, images_or_embeddings, class_name: str, *, recalibrate: bool = False) -> int:
+        """Add images of a (new or existing) class to the database; no retraining. Returns its class index.
+
+        A new ``class_name`` is parsed into make / type / model / year (it must follow the
+        "Make Model Body Year" pattern of the class list). The KNN+ threshold stays calibrated on the
+        original database unless ``recalibrate``.
+        """
+        q = self._embeddings(images_or_embeddings)
+        names = self.class_table["class_name"].tolist()
+        if class_name in names:
+            index = names.index(class_name)
+        else:
+            label = parse_class_name(class_name)
+            row = {"class_name": class_name, "make": label.make, "type": label.type, "model": label.model,
+                   "year": label.year}
+            self.class_table = pd.concat([self.class_table, pd.DataFrame([row])], ignore_index=True)
+            index = len(self.class_table) - 1
+        self.index.add(q, np.full(len(q), index, dtype=np.int64))
+        if recalibrate:
+            self.calibrate()
+        return index
+
+    def _embeddings(self, images_or_embeddings) -> np.ndarray:
+        if isinstance(images_or_embeddings, np.ndarray):
+            return images_or_embeddings.astype(np.float32)
+        return self.embed(list(images_or_embeddings))
