@@ -119,6 +119,10 @@ def publish(run_dir: Path, project_root: Path = PROJECT_ROOT) -> list[Path]:
         for src in sorted((run_dir / kind).glob("*")):
             shutil.copy2(src, target / src.name)
             copied.append(target / src.name)
+    readme = project_root / "README.md"
+    if readme.is_file():
+        from .report import update_readme
+        update_readme(readme, project_root / "results")
     return copied
 
 

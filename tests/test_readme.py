@@ -1,0 +1,54 @@
+"""The README's commands and example cannot rot: the example runs, the commands are the Makefile's."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from vericar.report import results_table, update_readme
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_library_example_runs(tmp_path, monkeypatch):
+    section = README.split("## Use the library", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "runs" / "readme-example" / "metrics.json").is_file()
+
+
+def test_readme_set_up_commands_are_the_makefile_and_ci():
+    block = re.search(r"## Two commands.*?```bash\n(.*?)```", README, flags=re.S).group(1)
+    commands = [line.split("#")[0].strip() for line in block.strip().splitlines()]
+    assert commands == ["make study", "make test"]
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^study:", makefile, flags=re.M) and re.search(r"^test:", makefile, flags=re.M)
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_results_table_reads_the_json(tmp_path):
+    import json
+    (tmp_path / "03_training.json").write_text(json.dumps({
+        "command": "python -m vericar.study --profile full", "entries": [
+            {"dataset": "stanford_cars", "protocol": "official", "backbone": "efficientnet_lite0", "image_size": 160,
+             "device": "cpu", "mode": "head-only", "metrics": {"precision_at_1": 0.5, "map_at_r": 0.25}}]}))
+    table = results_table(tmp_path)
+    assert "| 03_training | stanford_cars | official | efficientnet_lite0 @ 160px | cpu | head-only |" in table
+    assert "precision_at_1 50.0%" in table and "`python -m vericar.study --profile full`" in table
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- results:start -->\nold\n<!-- results:end -->\nb\n")
+    update_readme(readme, tmp_path)
+    assert "old" not in readme.read_text() and "precision_at_1 50.0%" in readme.read_text()
+
+
+def test_readme_table_matches_committed_results():
+    """The committed README shows exactly what results/ holds (refresh with python -m vericar.report)."""
+    if not list((ROOT / "results").glob("*.json")):
+        pytest.skip("no reference results committed yet")
+    block = README.split("<!-- results:start -->\n", 1)[1].split("\n<!-- results:end -->", 1)[0]
+    assert block == results_table(ROOT / "results")
