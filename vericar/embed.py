@@ -55,7 +55,11 @@ def decode_images(cars: CarsDataset, rows, image_size: int, interpolation: str =
 
 def normalize(batch: torch.Tensor, spec: BackboneSpec) -> torch.Tensor:
     """uint8 (N,3,H,W) -> float, scaled to [0,1] and normalised with the backbone's mean and std."""
-    x = batch.float().div_(255.0)
+    return normalize_float(batch.float().div_(255.0), spec)
+
+
+def normalize_float(x: torch.Tensor, spec: BackboneSpec) -> torch.Tensor:
+    """Float images in [0,1] normalised with the backbone's mean and std."""
     mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std

@@ -45,7 +45,8 @@ from pytorch_metric_learning.samplers import MPerClassSampler
 from tqdm.auto import tqdm
 
 from .data import CarsDataset, Split, make_split, open_dataset
-from .embed import augment, cached_features, decode_images, embed_batches, l2_normalize, resolve_device
+from .embed import (augment, cached_features, decode_images, embed_batches, l2_normalize, normalize_float,
+                    resolve_device)
 from .evaluation import evaluate_embeddings
 from .losses import level_label_matrix, make_loss
 from .models import build_model, split_backbone
@@ -293,7 +294,7 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
                 xb = images[rows].to(device, non_blocking=True).float().div_(255)
                 if config.augment:
                     xb = augment(xb, gen)
-                xb = _normalize_float(xb, spec).contiguous(memory_format=torch.channels_last)
+                xb = normalize_float(xb, spec).contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and config.amp):
                     emb = model(xb)
                 emb = emb.float()
@@ -353,17 +354,11 @@ def _apply_cached(fn, cached: np.ndarray, device, batch_size: int = 1024) -> np.
     return torch.cat(out).numpy()
 
 
-def _normalize_float(x: torch.Tensor, spec) -> torch.Tensor:
-    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 def _augment_normalized(x: torch.Tensor, spec, gen: torch.Generator) -> torch.Tensor:
     """Undo normalisation, augment, normalise again (used only to reproduce eval-with-augmentation)."""
     mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
-    return _normalize_float(augment((x * std + mean).clamp(0, 1), gen), spec)
+    return normalize_float(augment((x * std + mean).clamp(0, 1), gen), spec)
 
 
 def _model_state(model) -> dict[str, torch.Tensor]:
