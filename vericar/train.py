@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning.samplers import MPerClassSampler
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import CarsDataset, Split, make_split, open_dataset
 from .embed import (augment, cached_features, decode_images, embed_batches, l2_normalize, normalize_float,
                     resolve_device)
@@ -170,28 +171,40 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
     ``cache_dir`` keeps backbone features between cached-mode runs (``None``: a temporary folder).
     ``callback(epoch, record)`` is called after each epoch's checkpoint is written (e.g. to plot live, or
     to stop: an exception raised there leaves a resumable run folder).
+
+    Under DDP (a process group started by :func:`vericar.distributed.init_from_env`, e.g. under torchrun)
+    ``config.batch_size`` is the global batch, each rank trains on its slice, and rank 0 alone evaluates,
+    writes the run folder and calls ``callback``; see :mod:`vericar.distributed`.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    ddp = distributed.context()
+    progress = progress and ddp.is_main
     split = split if split is not None else split_for(cars, config)
     config_json = {**config.to_json(), "dataset": cars.name, "data_root": str(cars.root)}
+    if ddp.distributed:  # a single-process run's config.json stays as it was
+        config_json["world_size"] = ddp.world_size
+        distributed.check_batch_size(config.batch_size, config.m_per_class if config.sampler == "m_per_class" else None)
     if (run_dir / "metrics.json").is_file() and resume and _same_config(run_dir, config_json):
         return load_run(run_dir, cars)
 
-    device = resolve_device(config.device)
+    device = distributed.device_for(resolve_device(config.device))
     seed_everything(config.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model = build_model(config.backbone, config.embedding_dim, pretrained=config.pretrained,
                         dropout=config.dropout, hidden_dim=config.hidden_dim)
+    if ddp.distributed and ddp.sync_batchnorm:  # before split_backbone takes references to submodules
+        model = distributed.convert_sync_batchnorm(model, device)
     spec = model.spec
-    (run_dir / "config.json").write_text(json.dumps(config_json, indent=2))
+    if ddp.is_main:
+        (run_dir / "config.json").write_text(json.dumps(config_json, indent=2))
 
     labels_all = cars.labels
     y_train = labels_all[split.train] if train_labels is None else np.asarray(train_labels, dtype=np.int64)
     if len(y_train) != len(split.train):
         raise ValueError(f"train_labels has {len(y_train)} entries for {len(split.train)} training images")
-    loss_fn = make_loss(config.loss, **config.loss_kwargs)
+    loss_fn = distributed.wrap_loss(make_loss(config.loss, **config.loss_kwargs))
     level_labels = (torch.from_numpy(level_label_matrix(y_train, cars.hierarchy))
                     if getattr(loss_fn, "needs_level_labels", False) else None)
 
@@ -204,8 +217,9 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
         images = decode_images(cars, np.arange(len(cars)), config.image_size, spec.interpolation,
                                progress=progress)
         model = model.to(device).to(memory_format=torch.channels_last).eval()
-        frozen = l2_normalize(embed_batches(model.features, images, spec, device=device, amp=config.amp,
-                                            progress=progress, desc="frozen features"))
+        frozen = (l2_normalize(embed_batches(model.features, images, spec, device=device, amp=config.amp,
+                                             progress=progress, desc="frozen features"))
+                  if ddp.is_main else None)
         cached = flipped = None
     else:
         # Cache the trunk before the last stage even for head-only runs: head-only then applies the frozen
@@ -218,9 +232,10 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
             import tempfile
             cache_dir = tempfile.mkdtemp(prefix="vericar-features-")
         kw = dict(tag=f"trunk-{cache_stages}", device=device, progress=progress)
-        cached = cached_features(cars, trunk, spec, config.image_size, cache_dir, **kw)
-        flipped = (cached_features(cars, trunk, spec, config.image_size, cache_dir, flip=True, **kw)
-                   if config.augment else None)
+        with distributed.main_first():  # rank 0 writes the feature cache, the others then read it
+            cached = cached_features(cars, trunk, spec, config.image_size, cache_dir, **kw)
+            flipped = (cached_features(cars, trunk, spec, config.image_size, cache_dir, flip=True, **kw)
+                       if config.augment else None)
         images = None
         model = model.to(device).eval()
         if config.trainable_stages == 0 and cache_stages > 0:  # head only: pool through the frozen tail once
@@ -229,7 +244,7 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
             tail = torch.nn.Identity()
         for p in tail.parameters():
             p.requires_grad_(True)
-        frozen = l2_normalize(_apply_cached(tail, cached, device))
+        frozen = l2_normalize(_apply_cached(tail, cached, device)) if ddp.is_main else None
 
     def embed_all() -> np.ndarray:
         """Embeddings of every image in eval mode (with train-time augmentation only if eval_augment)."""
@@ -245,7 +260,7 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
     def evaluate(emb: np.ndarray) -> dict[str, float]:
         return evaluate_embeddings(emb, cars, split, k=config.eval_k, device=str(device))
 
-    frozen_metrics = evaluate(frozen)
+    frozen_metrics = evaluate(frozen) if ddp.is_main else {}
     params = model.param_groups(config.backbone_lr, config.head_lr, config.weight_decay)
     optimizer = torch.optim.AdamW(params)
     steps_per_epoch = len(_batches(y_train, config, 0))
@@ -264,6 +279,7 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
             scheduler.load_state_dict(ckpt["scheduler"])
             history, start_epoch = ckpt["history"], ckpt["epoch"]
 
+    forward = distributed.wrap_model(distributed.TrainForward(model, tail if cached is not None else None), device)
     train_rows = torch.from_numpy(split.train)
     y_train_t = torch.from_numpy(y_train)
     train_seconds = sum(h.get("seconds", 0.0) for h in history)
@@ -283,29 +299,30 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
         for positions in _batches(y_train, config, epoch):
             pos = torch.from_numpy(positions)
             rows = train_rows[pos]
-            y = y_train_t[pos].to(device)
+            mine = distributed.rank_slice(len(rows))  # this rank's share of the global batch (all of it alone)
+            y = y_train_t[pos][mine].to(device)
             if cached is not None:
                 x = torch.from_numpy(cached[rows.numpy()])
                 if flipped is not None:
                     use_flip = (torch.rand(len(rows), generator=gen) < 0.5).view(-1, *[1] * (x.ndim - 1))
                     x = torch.where(use_flip, torch.from_numpy(flipped[rows.numpy()]), x)
-                emb = F.normalize(model.head(tail(x.to(device))), dim=-1)
+                emb = forward(x[mine].to(device))
             else:
                 xb = images[rows].to(device, non_blocking=True).float().div_(255)
                 if config.augment:
                     xb = augment(xb, gen)
-                xb = normalize_float(xb, spec).contiguous(memory_format=torch.channels_last)
+                xb = normalize_float(xb[mine], spec).contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and config.amp):
-                    emb = model(xb)
+                    emb = forward(xb)
                 emb = emb.float()
-            level = level_labels[pos].to(device) if level_labels is not None else None
+            level = level_labels[pos][mine].to(device) if level_labels is not None else None
             loss = loss_fn(emb, y, level_labels=level)
             optimizer.zero_grad(set_to_none=True)
             if loss.requires_grad:
                 loss.backward()
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss.detach()))
+            losses.append(float(loss.detach()) / ddp.world_size)  # DistributedLoss returns world_size x
             n_images += len(rows)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -315,16 +332,21 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
         record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": seconds, "images": n_images,
                   "images_per_second": n_images / max(seconds, 1e-9),
                   **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
-        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+        if ddp.is_main and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
             record.update(evaluate(embed_all()))
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", p1=f"{record.get('precision_at_1', float('nan')):.3f}")
+        if not ddp.is_main:
+            continue  # rank 0 alone checkpoints and calls back
         torch.save({"model": _model_state(model), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
                     "config": config_json, "model_config": model.config}, ckpt_path)
         if callback is not None:
             callback(epoch + 1, record)
 
+    if not ddp.is_main:
+        distributed.barrier()  # wait for rank 0 to write the run folder
+        return load_run(run_dir, cars)
     trained = embed_all()
     final = evaluate(trained)
     metrics = {"frozen": frozen_metrics, "trained": final, "train_seconds": train_seconds,
@@ -334,6 +356,7 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
     np.savez_compressed(run_dir / "embeddings.npz", trained=trained.astype(np.float16),
                         frozen=frozen.astype(np.float16), labels=labels_all, **_split_arrays(split))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    distributed.barrier()
     return load_run(run_dir, cars)
 
 
@@ -442,12 +465,19 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.add_argument(flag, type=type(default), default=default)
     args = vars(parser.parse_args(argv))
-    cars = open_dataset(args.pop("dataset"), args.pop("data_dir"))
-    run_dir, cache_dir = args.pop("run_dir"), args.pop("cache_dir")
-    config = TrainConfig(**args)
-    run = train(cars, config, run_dir, cache_dir=cache_dir)
-    print(json.dumps({"frozen": run.metrics["frozen"], "trained": run.metrics["trained"],
-                      "train_seconds": run.metrics["train_seconds"]}, indent=2))
+    # under torchrun: one process per rank (see vericar.distributed); gloo for CPU training, else the default
+    ddp = distributed.init_from_env(backend="gloo" if args["device"] == "cpu" else None)
+    try:
+        with distributed.main_first():  # rank 0 generates SynthCars on first use, the others then open it
+            cars = open_dataset(args.pop("dataset"), args.pop("data_dir"), progress=ddp.is_main)
+        run_dir, cache_dir = args.pop("run_dir"), args.pop("cache_dir")
+        config = TrainConfig(**args)
+        run = train(cars, config, run_dir, cache_dir=cache_dir)
+        if ddp.is_main:
+            print(json.dumps({"frozen": run.metrics["frozen"], "trained": run.metrics["trained"],
+                              "train_seconds": run.metrics["train_seconds"]}, indent=2))
+    finally:
+        distributed.cleanup()
     return 0
 
 
