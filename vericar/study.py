@@ -33,13 +33,20 @@ PROFILES: dict[str, dict[str, Any]] = {
                 "device": "auto", "seed": 0},
         "per_notebook": {
             "03": {"image_size": 128, "epochs": 15, "batch_size": 64, "trainable_stages": 1},
+            "02": {"image_size": 128, "epochs": 10, "batch_size": 64, "trainable_stages": 0},
+            "07": {"image_size": 128, "epochs": 15, "batch_size": 64},
         },
     },
     "full": {
         "all": {"dataset": "stanford_cars", "data_dir": "../shared/data/stanford_cars_small", "run_dir": "runs/full",
                 "quick": False, "device": "auto", "seed": 0},
         "per_notebook": {
-            "03": {"image_size": 160, "epochs": 15, "batch_size": 128, "trainable_stages": 1},
+            "03": {"image_size": 160, "epochs": 15, "batch_size": 128, "trainable_stages": 0},
+            "02": {"image_size": 160, "epochs": 10, "batch_size": 64, "trainable_stages": 0,
+                   "gradient_image_size": 160,
+                   "accumulation_variants": ["list_stack_mean", "writeup_wrong_loop", "item_accumulate", "no_grad",
+                                             "inplace_leaf"]},
+            "07": {"image_size": 160, "epochs": 15, "batch_size": 128},
         },
     },
     # the smallest settings that still exercise every cell; used by the tests
@@ -49,6 +56,15 @@ PROFILES: dict[str, dict[str, Any]] = {
         "per_notebook": {
             "03": {"backbone": "tiny_cnn", "image_size": 32, "epochs": 2, "batch_size": 16, "m_per_class": 4,
                    "trainable_stages": 1},
+            "02": {"backbone": "tiny_cnn", "image_size": 32, "epochs": 2, "batch_size": 16,
+                   "accumulation_variants": ["writeup_wrong_loop", "item_accumulate", "inplace_leaf"],
+                   "suspects": ["shuffle", "corrupt_labels", "eval_augment"], "gradient_image_size": 32,
+                   "gradient_classes": 4, "finetune_image_size": 32, "finetune_epochs": 1, "finetune_classes": 6,
+                   "finetune_batch_size": 16, "torch_threads": 1},
+            "04": {"purity_k": 5},
+            "05": {"top_pairs": 3},
+            "07": {"backbone": "tiny_cnn", "image_size": 32, "epochs": 1, "batch_size": 16, "m_per_class": 4,
+                   "loss_batches": 3, "torch_threads": 1},
         },
     },
 }

@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.ticker import MaxNLocator
 
 __all__ = ["umap_grid_figure", "open_world_map_figure", "purity_figure"]
 
@@ -25,12 +26,21 @@ def _scatter_categorical(ax, xy, values, order: Sequence, palette, *, other: str
         ax.scatter(xy[m, 0], xy[m, 1], s=s, color=colour, linewidths=0, alpha=0.8, label=str(v), rasterized=True)
 
 
+def _palette(n: int) -> list:
+    """``n`` distinct colours without greys (grey is reserved for "other"): tab20's dark, then light shades."""
+    tab20 = sns.color_palette("tab20", 20)
+    dark = [tab20[i] for i in range(0, 20, 2) if i != 14]
+    light = [tab20[i] for i in range(1, 20, 2) if i != 15]
+    colours = dark + light
+    return [colours[i % len(colours)] for i in range(n)]
+
+
 def _auto_size(n: int) -> float:
     """Marker area for n points: larger when there are few."""
     return float(np.clip(12000 / max(n, 1), 3, 24))
 
 
-def umap_grid_figure(maps: dict[str, np.ndarray], colours: pd.DataFrame, *, top_makes: int = 10,
+def umap_grid_figure(maps: dict[str, np.ndarray], colours: pd.DataFrame, *, make_order: Sequence | None = None,
                      other: str = "other", point_size: float | None = None, title: str = ""):
     """UMAP maps, one row per stage (e.g. frozen backbone / trained), columns coloured by make, body type, year.
 
@@ -39,18 +49,19 @@ def umap_grid_figure(maps: dict[str, np.ndarray], colours: pd.DataFrame, *, top_
     maps : {stage name: (N, 2) coordinates}, the same N points in every map.
     colours : DataFrame (N rows) with ``make`` (already reduced to the top makes + ``other``, see
         :func:`vericar.embedding_analysis.top_n_labels`), ``type`` and ``year``.
-    top_makes : int
-        Only used in the legend title (how many makes are coloured).
+    make_order : the coloured makes in legend order (default: by number of points); others are ``other``.
     point_size : marker area; by default larger for fewer points.
     """
     stages = list(maps)
     point_size = point_size or _auto_size(len(colours))
     fig, axes = plt.subplots(len(stages), 3, figsize=(16, 4.8 * len(stages)), squeeze=False)
-    makes = [m for m in pd.Series(colours["make"]).value_counts().index if m != other]
+    present = set(pd.unique(colours["make"]))
+    makes = [m for m in (make_order if make_order is not None else pd.Series(colours["make"]).value_counts().index)
+             if m != other and m in present]
     n_other = int((colours["make"] == other).sum())
-    make_pal = sns.color_palette("tab10" if len(makes) <= 10 else "tab20", len(makes))
+    make_pal = _palette(len(makes))
     types = sorted(pd.unique(colours["type"]))
-    type_pal = sns.color_palette("Set2" if len(types) <= 8 else "tab10", len(types))
+    type_pal = _palette(len(types))
     years = np.asarray(colours["year"], dtype=float)
     for r, stage in enumerate(stages):
         xy = np.asarray(maps[stage])
@@ -75,6 +86,7 @@ def umap_grid_figure(maps: dict[str, np.ndarray], colours: pd.DataFrame, *, top_
                         alpha=0.8, rasterized=True)
         ax.set_title(f"{stage}: model year")
         cbar = fig.colorbar(sc, ax=ax, fraction=0.04, pad=0.01)
+        cbar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         cbar.ax.yaxis.set_major_formatter(plt.FormatStrFormatter("%d"))
     for ax in axes.ravel():
         ax.set_xticks([])
@@ -139,7 +151,7 @@ def purity_figure(table: pd.DataFrame, *, title: str = ""):
         ax.axhline(0, color="k", lw=0.8)
         ax.set(xlabel="", title="silhouette (cosine)")
         ax.set_xticks(range(len(levels)), [lv.replace("_", "\n") for lv in levels])
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=8, loc="best")
     fig.suptitle(title)
     fig.tight_layout()
     return fig

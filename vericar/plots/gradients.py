@@ -14,7 +14,7 @@ __all__ = ["VERDICT_COLORS", "gradient_norms_figure", "comparison_curves_figure"
 
 #: One colour per verdict, shared by every figure of notebook 02.
 VERDICT_COLORS: dict[str, str] = {
-    "reference": "#4C72B0",
+    "reference": "#2B4C7E",
     "same gradient as pml": "#4C72B0",
     "no change": "#55A868",
     "better": "#2E8B57",
@@ -71,39 +71,51 @@ def gradient_norms_figure(report: pd.DataFrame, title: str = ""):
 
 def comparison_curves_figure(histories: pd.DataFrame, outcomes: pd.DataFrame, metric: str = "precision_at_1",
                              groups: Sequence[Sequence[str]] | None = None, group_titles: Sequence[str] = ()):
-    """Training loss (left) and ``metric`` (right) per epoch, one row per group of variants.
+    """Training loss (left) and ``metric`` (right) per epoch, one row per family of variants.
 
     ``histories``: :meth:`vericar.reproductions.Comparison.histories`; ``outcomes``:
-    :func:`vericar.reproductions.classify_outcomes` (colours lines by verdict, dashes the references).
-    ``groups``: lists of variant names per row (default: one row per ``group`` column value, each with its
-    reference).
+    :func:`vericar.reproductions.classify_outcomes` (the legend gives each verdict; references are drawn last,
+    dashed black, so that identical curves stay visible). ``groups``: lists of variant names per row (default:
+    loss accumulation / other suspects / evaluation, each with its reference).
     """
+    from matplotlib.ticker import MaxNLocator
+
     verdict = outcomes.set_index("variant")["verdict"].to_dict()
     ref_of = outcomes.set_index("variant")["reference"].to_dict()
     if groups is None:
-        groups, group_titles = [], []
-        for g, sub in outcomes[outcomes["group"] != "reference"].groupby("group", sort=False):
-            names = list(sub["variant"])
-            refs = [r for r in dict.fromkeys(sub["reference"]) if r not in names]
-            groups.append(refs + names)
-            group_titles.append(str(g))
-    fig, axes = plt.subplots(len(groups), 2, figsize=(13, 3.3 * len(groups)), squeeze=False)
-    for row, names in enumerate(groups):
-        palette = sns.color_palette("tab10", max(3, len(names)))
-        for i, name in enumerate(names):
-            h = histories[histories["variant"] == name]
-            if len(h) == 0:
+        families: dict[str, list[str]] = {}
+        for _, r in outcomes.iterrows():
+            if r["variant"] == r["reference"]:
                 continue
-            is_ref = ref_of.get(name) == name
-            style = dict(color="0.15" if is_ref else palette[i % len(palette)], lw=2.2 if is_ref else 1.5,
-                         ls="--" if is_ref else "-", label=f"{name} ({verdict.get(name, '')})")
+            fam = r["group"] if r["group"] in ("loss accumulation", "evaluation") else "other suspects"
+            families.setdefault(fam, [])
+            if r["reference"] not in families[fam]:
+                families[fam].insert(0, r["reference"])
+            families[fam].append(r["variant"])
+        order = [f for f in ("loss accumulation", "other suspects", "evaluation") if f in families]
+        groups, group_titles = [families[f] for f in order], order
+    present = set(histories["variant"]) if "variant" in histories else set()
+    groups = [[n for n in g if n in present] for g in groups]
+    fig, axes = plt.subplots(max(1, len(groups)), 2, figsize=(13, 3.4 * max(1, len(groups))), squeeze=False)
+    for row, names in enumerate(groups):
+        palette = sns.color_palette("tab10", 10)
+        others = [n for n in names if ref_of.get(n) != n]
+        refs = [n for n in names if ref_of.get(n) == n]
+        for i, name in enumerate(others + refs):  # references last: on top
+            h = histories[histories["variant"] == name]
+            is_ref = name in refs
+            style = dict(color="black" if is_ref else palette[i % 10], lw=1.6 if is_ref else 1.8,
+                         ls=(0, (4, 3)) if is_ref else "-", zorder=5 if is_ref else 2,
+                         label=f"{name} ({verdict.get(name, '')})")
             axes[row, 0].plot(h["epoch"], h["loss"], **style)
-            ok = h[metric].notna() if metric in h else []
             if metric in h:
+                ok = h[metric].notna()
                 axes[row, 1].plot(h.loc[ok, "epoch"], h.loc[ok, metric], marker="o", ms=3, **style)
         title = group_titles[row] if row < len(group_titles) else ""
         axes[row, 0].set(title=f"{title}: training loss", xlabel="epoch")
         axes[row, 1].set(title=f"{title}: {metric.replace('_', ' ')} (queries)", xlabel="epoch", ylim=(0, 1))
+        for ax in axes[row]:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[row, 1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     return fig
@@ -118,7 +130,9 @@ def final_precision_figure(outcomes: pd.DataFrame, title: str = ""):
     fig, ax = plt.subplots(figsize=(10, 0.38 * len(df) + 1.4))
     for i, r in df.iterrows():
         if pd.isna(r["precision_at_1"]):
-            ax.text(0.01, i, f"{r['verdict']}: {str(r.get('error') or '')[:70]}", va="center", fontsize=8, color="0.3")
+            err = str(r.get("error") or "")
+            ax.text(0.01, i, f"{r['verdict']}: {err[:60]}{'...' if len(err) > 60 else ''}", va="center", fontsize=8,
+                    color="0.3")
             continue
         n = int(r["n_query"])
         lo, hi = wilson_interval(int(round(r["precision_at_1"] * n)), n)
@@ -137,19 +151,28 @@ def final_precision_figure(outcomes: pd.DataFrame, title: str = ""):
 
 
 def label_corruption_figure(true_labels, corrupted_labels, title: str = ""):
-    """Images per class: true classes vs the pseudo-classes read from the unlabelled test file (log count axis)."""
-    y = pd.Series(np.asarray(true_labels)).value_counts()
-    z = pd.Series(np.asarray(corrupted_labels)).value_counts()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6), gridspec_kw={"width_ratios": [1, 2.2]})
-    bars = axes[0].bar(["true labels", "bbox_y2 read\nas the class"], [len(y), len(z)], color=["#4C72B0", "#C44E52"])
+    """True classes vs the pseudo-classes read from the unlabelled test file (the box bottom ``bbox_y2``).
+
+    Left: distinct labels. Middle: images per class, classes sorted by size (log x). Right: each image's true
+    class against its corrupted label: no relation, the "class" is a pixel row.
+    """
+    y = np.asarray(true_labels)
+    z = np.asarray(corrupted_labels)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), gridspec_kw={"width_ratios": [0.8, 1.5, 1.5]})
+    bars = axes[0].bar(["true\nlabels", "bbox_y2 read\nas the class"], [len(np.unique(y)), len(np.unique(z))],
+                       color=["#4C72B0", "#C44E52"])
     axes[0].bar_label(bars, fmt="%d")
     axes[0].set(title="distinct classes", ylabel="classes")
-    bins = np.unique(np.round(np.logspace(0, np.log10(max(y.max(), z.max()) + 1), 25)))
-    axes[1].hist([y.to_numpy(), z.to_numpy()], bins=bins, label=["true classes", "pseudo-classes (bbox_y2)"],
-                 color=["#4C72B0", "#C44E52"])
+    for labels, color, name in ((y, "#4C72B0", "true classes"), (z, "#C44E52", "pseudo-classes (bbox_y2)")):
+        counts = np.sort(pd.Series(labels).value_counts().to_numpy())[::-1]
+        axes[1].step(np.arange(1, len(counts) + 1), counts, where="mid", color=color, label=name)
     axes[1].set_xscale("log")
-    axes[1].set(title="images per class", xlabel="images in the class (log)", ylabel="classes")
+    axes[1].set(title="images per class, largest first", xlabel="class rank (log)", ylabel="images")
     axes[1].legend(fontsize=8)
+    rng = np.random.default_rng(0)
+    axes[2].scatter(y + rng.uniform(-0.3, 0.3, len(y)), z, s=4, alpha=0.4, color="#C44E52", linewidth=0)
+    axes[2].set(title="each image: true class vs its corrupted label", xlabel="true class index",
+                ylabel="corrupted label (bbox_y2, px)")
     fig.suptitle(title)
     fig.tight_layout()
     return fig

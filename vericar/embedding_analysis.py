@@ -1,0 +1,303 @@
+"""What the embedding space looks like: 2-D UMAP maps, and numbers that do not depend on the map.
+
+A UMAP picture is persuasive but not evidence (its distances are not the embedding's distances, and the layout
+depends on its parameters), so every map in notebook 04 comes with measurements taken **in the embedding
+space itself**, before (frozen backbone) and after metric learning:
+
+Neighbourhood purity at a level
+    For each point, the fraction of its ``k`` nearest other points (cosine similarity, leave-one-out) whose
+    label at that level equals its own; the purity of a set is the mean over its points. With labels
+    ``A A B`` on a line at 0, 1, 3 and ``k = 1``: the 1st A's neighbour is A, the 2nd A's is A, B's is A,
+    so the purity is ``(1 + 1 + 0) / 3 = 2/3``.
+    *Chance* purity is what random neighbours would give: for class sizes ``n_c`` among ``N`` points,
+    ``sum_c (n_c / N) * (n_c - 1) / (N - 1)`` (a point's neighbour is drawn among the ``N - 1`` others).
+
+Silhouette (cosine)
+    For point ``i`` of cluster ``C``: ``a`` = mean cosine distance ``1 - cos`` to the other members of ``C``,
+    ``b`` = the smallest mean distance to the members of another cluster, ``s = (b - a) / max(a, b)``;
+    ``s = 0`` for a point alone in its cluster (scikit-learn's convention). The score is the mean of ``s``.
+    Computed here in row chunks (one ``chunk x N`` distance block at a time, times a one-hot matrix per label
+    column, float32), so 16k points need no ``N x N`` matrix and one pass serves every level; it equals
+    ``sklearn.metrics.silhouette_score(metric="cosine")`` to about 1e-6.
+
+Levels use the study's prefix semantics (:func:`vericar.data.hierarchy.level_keys`): two images share a
+label at ``type`` when they share make *and* body type, at ``model`` when they are the same car model (any
+year), at ``year`` when they are the same class. :func:`label_table` builds those columns (plus any single
+column asked for, e.g. ``body`` = body type alone, ``model_year`` = the year alone, as the maps colour by).
+
+Sampling for the maps
+    :func:`stratified_sample` keeps at most ``c`` random images of every class, ``c`` the largest cap that
+    keeps the total within ``max_points`` (so small classes are kept whole and large ones trimmed evenly),
+    seeded, returned sorted.
+
+UMAP
+    :func:`umap_2d` runs umap-learn on L2-normalised embeddings with the cosine metric and a fixed
+    ``random_state`` (reproducible; umap-learn then runs single-threaded). The ``n_neighbors`` nearest
+    neighbours are computed exactly here (:class:`vericar.retrieval.KNNIndex`) and handed to UMAP as
+    ``precomputed_knn``: faster on 2 cores than its own approximate search (pynndescent), and it skips that
+    library's just-in-time compilation.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .data.hierarchy import LEVELS, level_keys
+from .retrieval import KNNIndex, l2_normalize
+
+__all__ = [
+    "chance_purity",
+    "embedding_quality",
+    "label_table",
+    "neighbour_agreement",
+    "neighbourhood_purity",
+    "silhouette_cosine",
+    "stratified_sample",
+    "top_n_labels",
+    "umap_2d",
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Labels and sampling
+# ----------------------------------------------------------------------------------------------------
+
+
+def label_table(hierarchy: pd.DataFrame, class_index, *, levels: Sequence[str] = LEVELS,
+                extra: dict[str, str] | None = None) -> pd.DataFrame:
+    """Integer label codes per point, one column per hierarchy level (prefix semantics) and per ``extra``.
+
+    Parameters
+    ----------
+    hierarchy : DataFrame
+        One row per class (row i = class index i) with make, type, model, year (``CarsDataset.hierarchy``).
+    class_index : int array (N,)
+        0-based class of each point.
+    levels : level names
+        Columns coded with :func:`level_keys` (``type`` = make + body type, ...).
+    extra : {column name: hierarchy column}
+        Single hierarchy columns coded alone, e.g. ``{"body": "type", "model_year": "year"}``.
+
+    Returns
+    -------
+    DataFrame (N rows), integer codes (equal code = equal label).
+    """
+    ci = np.asarray(class_index, dtype=np.int64)
+    table = hierarchy.reset_index(drop=True)
+    out = {}
+    for level in levels:
+        out[level] = pd.factorize(level_keys(table, level))[0][ci]
+    for name, column in (extra or {}).items():
+        out[name] = pd.factorize(table[column])[0][ci]
+    return pd.DataFrame(out)
+
+
+def stratified_sample(labels, max_points: int, *, seed: int = 0) -> np.ndarray:
+    """Indices of at most ``max_points`` items, at most ``c`` per label, ``c`` as large as fits; sorted.
+
+    Every label keeps ``min(n_label, c)`` of its items, chosen at random (seeded). ``c`` is the largest
+    per-label cap whose total stays within ``max_points``; if even ``c = 1`` does not fit (more labels than
+    ``max_points``), one item of each of ``max_points`` randomly chosen labels is kept. All items are
+    returned when there are no more than ``max_points``.
+    """
+    lab = np.asarray(labels)
+    n = len(lab)
+    if max_points < 1:
+        raise ValueError(f"max_points must be >= 1, got {max_points}")
+    if n <= max_points:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    codes, uniq = pd.factorize(lab)
+    sizes = np.bincount(codes, minlength=len(uniq))
+    # largest cap c with sum(min(sizes, c)) <= max_points (monotone in c: binary search)
+    lo, hi = 0, int(sizes.max())
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if np.minimum(sizes, mid).sum() <= max_points:
+            lo = mid
+        else:
+            hi = mid - 1
+    chosen = []
+    if lo == 0:
+        for c in rng.choice(len(uniq), size=max_points, replace=False):
+            chosen.append(rng.choice(np.flatnonzero(codes == c), size=1))
+    else:
+        for c in range(len(uniq)):
+            members = np.flatnonzero(codes == c)
+            chosen.append(rng.choice(members, size=min(len(members), lo), replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def top_n_labels(values, n: int, *, other: str = "other") -> tuple[np.ndarray, list]:
+    """Keep the ``n`` most frequent values (ties by value), replace the rest by ``other``.
+
+    Returns ``(relabelled values as an object array, the kept values, most frequent first)``.
+    """
+    s = pd.Series(np.asarray(values, dtype=object))
+    counts = s.value_counts()
+    order = sorted(counts.index, key=lambda v: (-counts[v], str(v)))
+    keep = order[:n]
+    out = np.where(s.isin(keep), s, other).astype(object)
+    return out, keep
+
+
+# ----------------------------------------------------------------------------------------------------
+# Numbers in the embedding space
+# ----------------------------------------------------------------------------------------------------
+
+
+def neighbour_agreement(embeddings, labels: pd.DataFrame | dict | np.ndarray, k: int = 10, *,
+                        device="cpu") -> pd.DataFrame:
+    """Per point and label column: the fraction of its ``k`` nearest other points sharing its label.
+
+    One exact cosine K-NN search (leave-one-out, :class:`KNNIndex`) serves every column.
+
+    Parameters
+    ----------
+    embeddings : array (N, D)
+        Normalised here.
+    labels : DataFrame / dict of equal-length arrays / a single array
+        Labels per point (any hashable values; a single array becomes the column ``label``).
+    k : int
+        Neighbours per point; reduced to ``N - 1`` when the set is smaller.
+
+    Returns
+    -------
+    DataFrame (N rows, one column per label column), values in [0, 1].
+    """
+    table = labels if isinstance(labels, pd.DataFrame) else pd.DataFrame(
+        labels if isinstance(labels, dict) else {"label": np.asarray(labels)})
+    emb = np.asarray(embeddings, dtype=np.float32)
+    if len(table) != len(emb):
+        raise ValueError(f"{len(emb)} embeddings but {len(table)} label rows")
+    if len(emb) < 2:
+        raise ValueError("need at least 2 points")
+    k = int(min(k, len(emb) - 1))
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    index = KNNIndex(emb, np.zeros(len(emb), dtype=np.int64), device=device)
+    _, nb = index.search(emb, k, exclude_self=True)
+    out = {}
+    for col in table.columns:
+        lab = pd.factorize(table[col])[0]
+        out[col] = (lab[nb] == lab[:, None]).mean(axis=1)
+    return pd.DataFrame(out, index=table.index)
+
+
+def neighbourhood_purity(embeddings, labels, k: int = 10, *, device="cpu") -> dict[str, float]:
+    """Mean :func:`neighbour_agreement` per label column (see the module docstring)."""
+    return {c: float(v) for c, v in neighbour_agreement(embeddings, labels, k, device=device).mean().items()}
+
+
+def chance_purity(labels) -> float:
+    """Expected purity with random neighbours: ``sum_c (n_c/N) (n_c - 1)/(N - 1)``."""
+    lab = pd.factorize(np.asarray(labels))[0]
+    n = len(lab)
+    if n < 2:
+        return float("nan")
+    sizes = np.bincount(lab).astype(np.float64)
+    return float((sizes / n * (sizes - 1) / (n - 1)).sum())
+
+
+def silhouette_cosine(embeddings, labels, *, chunk_size: int = 2048):
+    """Mean silhouette with the cosine distance ``1 - cos`` (see the module docstring); NaN for 1 cluster.
+
+    ``labels``: one array (returns a float) or a DataFrame / dict of label columns (returns
+    ``{column: float}``; one pass over the distances serves every column).
+    """
+    single = not isinstance(labels, (pd.DataFrame, dict))
+    table = pd.DataFrame({"label": np.asarray(labels)} if single else labels)
+    x = l2_normalize(np.asarray(embeddings, dtype=np.float32))
+    n = len(x)
+    if len(table) != n:
+        raise ValueError(f"{n} embeddings but {len(table)} labels")
+    cols = {}
+    for col in table.columns:
+        lab = pd.factorize(table[col])[0]
+        k = int(lab.max()) + 1 if n else 0
+        if 2 <= k < n:  # defined only for 2 <= clusters <= n - 1, as in scikit-learn
+            onehot = np.zeros((n, k), dtype=np.float32)
+            onehot[np.arange(n), lab] = 1.0
+            cols[col] = (lab, onehot, onehot.sum(axis=0).astype(np.float64), np.empty(n))
+    for start in range(0, n if cols else 0, chunk_size):
+        rows = slice(start, start + chunk_size)
+        dist = np.clip(1.0 - x[rows] @ x.T, 0.0, 2.0)
+        m = dist.shape[0]
+        dist[np.arange(m), np.arange(start, start + m)] = 0.0
+        r = np.arange(m)
+        for lab, onehot, sizes, s in cols.values():
+            sums = (dist @ onehot).astype(np.float64)  # (chunk, clusters): summed distance to each cluster
+            own = lab[rows]
+            own_size = sizes[own]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                a = sums[r, own] / (own_size - 1)
+                means = sums / sizes
+                means[r, own] = np.inf
+                b = means.min(axis=1)
+                si = (b - a) / np.maximum(a, b)
+            si[own_size == 1] = 0.0
+            s[rows] = np.nan_to_num(si, nan=0.0)
+    out = {col: float(cols[col][3].mean()) if col in cols else float("nan") for col in table.columns}
+    return out["label"] if single else out
+
+
+def embedding_quality(embeddings_by_stage: dict[str, np.ndarray], labels: pd.DataFrame, k: int = 10, *,
+                      silhouette: bool = True, device="cpu") -> pd.DataFrame:
+    """Purity (and silhouette) per stage and label column, with chance purity: the table notebook 04 reports.
+
+    Returns a long DataFrame with columns ``stage, level, purity, chance, silhouette, k, n``.
+    """
+    rows = []
+    for stage, emb in embeddings_by_stage.items():
+        purity = neighbourhood_purity(emb, labels, k, device=device)
+        sil = silhouette_cosine(emb, labels) if silhouette else {}
+        for level in labels.columns:
+            rows.append({"stage": stage, "level": level, "purity": purity[level],
+                         "chance": chance_purity(labels[level]), "silhouette": sil.get(level, np.nan),
+                         "k": int(min(k, len(emb) - 1)), "n": len(emb)})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# UMAP
+# ----------------------------------------------------------------------------------------------------
+
+
+def umap_2d(embeddings, *, n_neighbors: int = 15, min_dist: float = 0.1, random_state: int = 0,
+            device="cpu") -> np.ndarray:
+    """A 2-D UMAP (umap-learn, cosine metric, fixed ``random_state``) of the embeddings; float32 (N, 2).
+
+    The kNN graph is computed exactly (:class:`KNNIndex`) and passed as ``precomputed_knn``; ``n_neighbors``
+    is reduced to ``N - 1`` for tiny sets. The fixed seed makes umap-learn single-threaded (``n_jobs=1``).
+    """
+    import umap  # noqa: PLC0415 - slow import, only where needed
+
+    x = l2_normalize(np.asarray(embeddings, dtype=np.float32))
+    n = len(x)
+    if n < 3:
+        raise ValueError(f"UMAP needs at least 3 points, got {n}")
+    nn = int(min(n_neighbors, n - 1))
+    index = KNNIndex(x, np.zeros(n, dtype=np.int64), device=device, normalize=False)
+    dist, idx = index.search(x, nn)  # includes each point itself (distance 0), as UMAP expects
+    # the unit-vector distance d is sqrt(2 - 2 cos): UMAP's cosine distance is 1 - cos = d^2 / 2
+    knn_dist = (dist.astype(np.float64) ** 2 / 2).astype(np.float32)
+    # put each point itself first (exact duplicates may tie with it)
+    self_pos = np.argmax(idx == np.arange(n)[:, None], axis=1)
+    has_self = (idx == np.arange(n)[:, None]).any(axis=1)
+    fix = has_self & (self_pos > 0)
+    for i in np.flatnonzero(fix):
+        p = self_pos[i]
+        idx[i, [0, p]] = idx[i, [p, 0]]
+        knn_dist[i, [0, p]] = knn_dist[i, [p, 0]]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*n_jobs value.*overridden.*")
+        warnings.filterwarnings("ignore", message=".*knn_search_index.*")
+        warnings.filterwarnings("ignore", message=".*Graph is not fully connected.*")
+        reducer = umap.UMAP(n_neighbors=nn, min_dist=min_dist, metric="cosine", random_state=random_state,
+                            n_jobs=1, precomputed_knn=(idx, knn_dist, None))
+        coords = reducer.fit_transform(x)
+    return np.asarray(coords, dtype=np.float32)
