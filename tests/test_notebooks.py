@@ -68,7 +68,7 @@ def test_failing_notebook_names_the_cell(tmp_path, capsys):
     nb.cells = [params, nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("raise ValueError('boom')")]
     path = tmp_path / "99_fail.ipynb"
     nbformat.write(nb, path)
-    with pytest.raises(study.NotebookFailed, match=r"99_fail.ipynb failed in cell 2 .*ValueError: boom"):
+    with pytest.raises(study.NotebookFailed, match=r"99_fail.ipynb failed in cell \d+ \(execution count \d+\): ValueError: boom"):
         study.run_notebook(path, tmp_path / "out" / path.name, {"run_dir": str(tmp_path)}, progress=False)
 
 
