@@ -275,3 +275,16 @@ def test_train_grid_folders(monkeypatch, tmp_path):
     assert calls[0][2] == {"progress": False}
     assert run_folder("m", "hims_min", "seed", prefix="08").as_posix() == "m/08_hims_min_seed"
     assert ablation.ABLATION_LOSSES["hims_min"] == "HiMS-Min"
+
+
+def test_heldout_level_table_counts_only_eligible_queries():
+    import pandas as pd
+
+    from vericar.ablation import heldout_level_table
+
+    o = pd.DataFrame({"known_make": [True, True, True, False], "correct_make": [True, True, False, False],
+                      "known_type": [True, False, False, False], "correct_type": [True, False, False, False]})
+    t = heldout_level_table({("ms", "open-world"): o}, {"ms": "MS"}).set_index("level")
+    assert t.loc["make", "accuracy"] == 2 / 3 and t.loc["make", "eligible"] == 3
+    assert t.loc["make", "accuracy_all_ood"] == 0.5 and t.loc["type", "accuracy"] == 1.0
+    assert t.loc["make", "ci_low"] < 2 / 3 < t.loc["make", "ci_high"] and set(t["loss"]) == {"MS"}

@@ -251,6 +251,27 @@ def outcome_metrics(outcomes: pd.DataFrame, prefix: str = "") -> dict[str, float
     return {f"{prefix}{k}": v for k, v in out.items()}
 
 
+def heldout_level_table(ood_outcomes: Mapping[tuple, pd.DataFrame], names: Mapping[str, str] | None = None,
+                        levels: Sequence[str] = ("make", "type")) -> pd.DataFrame:
+    """Held-out-model queries per (loss, protocol) from :func:`level_outcomes`: accuracy at each coarse level
+    over the queries whose true label at that level exists in the database (``eligible``), with a Wilson
+    interval, and over all held-out queries (``accuracy_all_ood``). Keys of ``ood_outcomes`` are
+    ``(loss, protocol)``; ``names`` maps a loss to its display name."""
+    from .metrics import wilson_interval
+
+    rows = []
+    for (loss, _protocol), o in ood_outcomes.items():
+        for level in levels:
+            known = o[f"known_{level}"].to_numpy(bool)
+            c = o[f"correct_{level}"].to_numpy(bool)[known]
+            lo, hi = wilson_interval(int(c.sum()), len(c)) if len(c) else (np.nan, np.nan)
+            rows.append({"loss": (names or {}).get(loss, loss), "level": level,
+                         "accuracy": c.mean() if len(c) else np.nan, "ci_low": lo, "ci_high": hi,
+                         "eligible": int(known.sum()), "ood_queries": len(o),
+                         "accuracy_all_ood": o[f"correct_{level}"].mean()})
+    return pd.DataFrame(rows)
+
+
 def error_depth(outcomes: pd.DataFrame, *, relative_to: str = "class_wrong") -> pd.Series:
     """How far down the hierarchy the class-wrong queries stay right (see the module docstring).
 

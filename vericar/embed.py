@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .data.dataset import CarsDataset
 from .models import BackboneSpec
+from .retrieval import l2_normalize  # noqa: F401  (re-exported: one implementation)
 
 _PIL_INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
@@ -31,6 +32,16 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def square_tensor(image: Image.Image, image_size: int, interpolation: str = "bicubic") -> torch.Tensor:
+    """One PIL image stretched to ``image_size`` squared, as uint8 (3, S, S): the model's input geometry.
+
+    The one place images are prepared for a model: training, evaluation, :class:`vericar.predict.CarIdentifier`
+    and folder embedding all go through it, so a photo is seen the same way everywhere.
+    """
+    image = image.convert("RGB").resize((image_size, image_size), _PIL_INTERPOLATION[interpolation])
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
 def decode_images(cars: CarsDataset, rows, image_size: int, interpolation: str = "bicubic", *,
                   progress: bool = True, workers: int = 2) -> torch.Tensor:
     """Decode ``rows`` of ``cars`` into a uint8 tensor (N, 3, S, S), each image stretched to S x S.
@@ -40,11 +51,9 @@ def decode_images(cars: CarsDataset, rows, image_size: int, interpolation: str =
     """
     rows = np.asarray(rows, dtype=np.int64)
     out = torch.empty((len(rows), 3, image_size, image_size), dtype=torch.uint8)
-    resample = _PIL_INTERPOLATION[interpolation]
 
     def load(i: int) -> None:
-        image = cars.image(int(rows[i])).resize((image_size, image_size), resample)
-        out[i] = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+        out[i] = square_tensor(cars.image(int(rows[i])), image_size, interpolation)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for _ in tqdm(pool.map(load, range(len(rows))), total=len(rows), desc=f"decoding {image_size}px",
@@ -127,11 +136,6 @@ def embed_batches(fn, images: torch.Tensor, spec: BackboneSpec, *, batch_size: i
     return torch.cat(outputs).numpy() if outputs else np.zeros((0, 0), dtype=np.float32)
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def dataset_fingerprint(cars: CarsDataset) -> str:
     """A short hash of a dataset's identity (root, files, labels, crop): keys caches of its features."""
     h = hashlib.sha1()
@@ -142,32 +146,39 @@ def dataset_fingerprint(cars: CarsDataset) -> str:
 
 
 def cached_features(cars: CarsDataset, module, spec: BackboneSpec, image_size: int, cache_dir, *,
-                    tag: str = "pooled", flip: bool = False, device="cpu", batch_size: int = 128,
-                    progress: bool = True) -> np.ndarray:
+                    tag: str = "pooled", flips: tuple[bool, ...] = (False,), device="cpu", batch_size: int = 128,
+                    progress: bool = True) -> list[np.ndarray]:
     """``module``'s output for every image of ``cars`` (N, ...) float32, computed once and cached on disk.
 
     ``module`` is a frozen pretrained backbone or its trunk (:func:`vericar.models.split_backbone`); ``tag``
-    names which (it keys the cache with the dataset fingerprint, backbone, input size and ``flip``, the
-    features of mirrored images). Stored in float16; the first call returns exactly what later calls load.
-    Notebooks and head-only / partial trainings share the cache.
+    names which. One array is returned per entry of ``flips`` (``True``: features of the mirrored images).
+    Each is cached under the dataset fingerprint, backbone, tag, input size and flip; the images are
+    decoded at most once per call, however many arrays are missing. Stored in float16; the first call
+    returns exactly what later calls load. Notebooks and head-only / partial trainings share the cache.
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = f"{spec.name}-{tag}-{image_size}px-{'flip' if flip else 'plain'}-{dataset_fingerprint(cars)}"
-    path = cache_dir / f"features-{key}.npy"
-    if path.is_file():
-        return np.load(path).astype(np.float32)
-    images = decode_images(cars, np.arange(len(cars)), image_size, spec.interpolation, progress=progress)
-    if flip:
-        images = images.flip(-1)
-    module = module.to(device).eval().to(memory_format=torch.channels_last)
-    feats = embed_batches(module, images, spec, batch_size=batch_size, device=device, progress=progress,
-                          desc=f"{spec.name} {tag}{' (mirrored)' if flip else ''}")
-    feats = feats.astype(np.float16)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, feats)
-    tmp.replace(path)  # atomic: an interrupted run never leaves a half-written cache
-    (cache_dir / f"features-{key}.json").write_text(json.dumps(
-        {"dataset": cars.name, "root": str(cars.root), "images": len(cars), "backbone": spec.name, "tag": tag,
-         "image_size": image_size, "flip": flip, "shape": list(feats.shape)}, indent=1))
-    return feats.astype(np.float32)
+    fingerprint = dataset_fingerprint(cars)
+    paths = {flip: cache_dir / f"features-{spec.name}-{tag}-{image_size}px-{'flip' if flip else 'plain'}-"
+                               f"{fingerprint}.npy" for flip in flips}
+    images = None
+    out = []
+    for flip in flips:
+        path = paths[flip]
+        if path.is_file():
+            out.append(np.load(path).astype(np.float32))
+            continue
+        if images is None:
+            images = decode_images(cars, np.arange(len(cars)), image_size, spec.interpolation, progress=progress)
+            module = module.to(device).eval().to(memory_format=torch.channels_last)
+        feats = embed_batches(module, images.flip(-1) if flip else images, spec, batch_size=batch_size,
+                              device=device, progress=progress,
+                              desc=f"{spec.name} {tag}{' (mirrored)' if flip else ''}").astype(np.float16)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, feats)
+        tmp.replace(path)  # atomic: an interrupted run never leaves a half-written cache
+        path.with_suffix(".json").write_text(json.dumps(
+            {"dataset": cars.name, "root": str(cars.root), "images": len(cars), "backbone": spec.name, "tag": tag,
+             "image_size": image_size, "flip": flip, "shape": list(feats.shape)}, indent=1))
+        out.append(feats.astype(np.float32))
+    return out

@@ -38,16 +38,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from .data.images import DataError, load_image
-from .embed import embed_batches, resolve_device
+from .embed import embed_batches, resolve_device, square_tensor
 
 __all__ = ["IMAGE_EXTENSIONS", "FolderEmbeddings", "embed_folder", "list_images", "load_folder_embeddings", "main"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 FORMAT_VERSION = 1
 
 
@@ -175,7 +173,6 @@ def embed_folder(folder: str | Path, checkpoint: str | Path, out: str | Path | N
     for start in range(0, len(todo), shard_size):
         if model is None:
             model = load_model(run, device=str(dev))
-            resample = _RESAMPLE[model.spec.interpolation]
             image_size = run.config.image_size
         chunk = todo[start:start + shard_size]
         emb_rows, emb_list = [], []
@@ -184,8 +181,7 @@ def embed_folder(folder: str | Path, checkpoint: str | Path, out: str | Path | N
 
             def decode(i: int):
                 try:
-                    image = load_image(folder / files[i]).resize((image_size, image_size), resample)
-                    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+                    return square_tensor(load_image(folder / files[i]), image_size, model.spec.interpolation)
                 except (DataError, OSError, ValueError) as err:  # unreadable: report, never drop silently
                     return f"{type(err).__name__}: {err}"
 

@@ -17,12 +17,10 @@ from PIL import Image
 
 from .data.dataset import CarsDataset
 from .data.hierarchy import parse_class_name
-from .embed import embed_batches, resolve_device
+from .embed import embed_batches, resolve_device, square_tensor
 from .ood import knn_scores, threshold_at_tpr
 from .retrieval import KNNIndex, hierarchical_predict
 from .train import TrainedRun, load_model, load_run
-
-_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
 class CarIdentifier:
@@ -67,9 +65,7 @@ class CarIdentifier:
         """Embeddings of PIL images, prepared exactly as in training's evaluation (square resize, normalise)."""
         if self.model is None:
             raise RuntimeError("this identifier has no model; pass embeddings instead of images")
-        resample = _RESAMPLE[self.model.spec.interpolation]
-        batch = torch.stack([torch.from_numpy(np.array(im.convert("RGB").resize(
-            (self.image_size, self.image_size), resample), dtype=np.uint8)).permute(2, 0, 1) for im in images])
+        batch = torch.stack([square_tensor(im, self.image_size, self.model.spec.interpolation) for im in images])
         return embed_batches(self.model, batch, self.model.spec, device=self.device, progress=False)
 
     def identify(self, images_or_embeddings, k: int | None = None) -> pd.DataFrame:

@@ -233,9 +233,9 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
             cache_dir = tempfile.mkdtemp(prefix="vericar-features-")
         kw = dict(tag=f"trunk-{cache_stages}", device=device, progress=progress)
         with distributed.main_first():  # rank 0 writes the feature cache, the others then read it
-            cached = cached_features(cars, trunk, spec, config.image_size, cache_dir, **kw)
-            flipped = (cached_features(cars, trunk, spec, config.image_size, cache_dir, flip=True, **kw)
-                       if config.augment else None)
+            features = cached_features(cars, trunk, spec, config.image_size, cache_dir,
+                                       flips=(False, True) if config.augment else (False,), **kw)
+            cached, flipped = features[0], (features[1] if config.augment else None)
         images = None
         model = model.to(device).eval()
         if config.trainable_stages == 0 and cache_stages > 0:  # head only: pool through the frozen tail once

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .dataset import CarsDataset, ImageSubset, check_images, validate_table
+from .dataset import CarsDataset, ImageSubset, validate_table
 from .hierarchy import BODY_TYPES, LEVELS, CarLabel, hierarchy_table, level_keys, parse_class_name
 from .images import CorruptImageError, DataError, load_image
 from .splits import HOLDOUT_UNITS, PROTOCOLS, Split, make_split
+from .summary import check_images
 from .stanford import detect_layout, load_stanford_cars, read_class_names, read_devkit_annotations
 
 DATASETS = ("synthetic", "stanford_cars")

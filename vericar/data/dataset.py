@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .hierarchy import hierarchy_table
 from .images import DataError, load_image
@@ -139,26 +138,3 @@ def validate_table(table: pd.DataFrame, class_names: list[str], root: Path, *,
         raise DataError(f"{len(empty)} classes have no images under {root}: {names}. Add images, drop those "
                         "classes from the class list, or pass allow_empty_classes=True.")
     return table
-
-
-def check_images(cars: CarsDataset, progress: bool = True) -> pd.DataFrame:
-    """Decode every image once; return a table of each image's size and mode, with an ``error`` column.
-
-    Use it to find corrupt files before a long run: rows with a non-empty ``error`` are the unreadable
-    images (the caller decides what to do; nothing is removed here).
-    """
-    from PIL import Image
-
-    rows = []
-    for i in tqdm(range(len(cars)), desc="checking images", disable=not progress):
-        path = cars.path(i)
-        try:
-            with Image.open(path) as im:
-                mode, size = im.mode, im.size
-                im.load()
-            rows.append((path.name, mode, size[0], size[1], ""))
-        except Exception as err:  # noqa: BLE001 - every failure is reported, not raised
-            rows.append((path.name, None, np.nan, np.nan, f"{type(err).__name__}: {err}"))
-    out = pd.DataFrame(rows, columns=["file", "mode", "width", "height", "error"])
-    out.insert(0, "filename", cars.table["filename"].to_numpy())
-    return out.drop(columns="file")

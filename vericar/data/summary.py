@@ -137,3 +137,13 @@ def box_stats(cars: CarsDataset) -> pd.DataFrame:
         if {"width", "height"} <= set(t.columns):
             out["coverage"] = out["box_width"] * out["box_height"] / (t["width"] * t["height"])
     return out
+
+
+def check_images(cars: CarsDataset, progress: bool = True) -> pd.DataFrame:
+    """Decode every image once and report it: ``filename``, ``mode``, ``width``, ``height`` and ``error``.
+
+    Use it to find corrupt files before a long run: rows with a non-empty ``error`` are the unreadable
+    images (the caller decides what to do; nothing is removed here). The same pass as :func:`scan_images`,
+    without the hashes.
+    """
+    return scan_images(cars, progress=progress)[["filename", "mode", "width", "height", "error"]]
