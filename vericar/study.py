@@ -32,7 +32,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "all": {"dataset": "synthetic", "data_dir": "data/synthcars", "run_dir": "runs/quick", "quick": True,
                 "device": "auto", "seed": 0},
         "per_notebook": {
-            "03": {"image_size": 128, "epochs": 15, "batch_size": 64, "trainable_stages": 1},
+            "03": {"image_size": 128, "epochs": 15, "batch_size": 64, "trainable_stages": 0},
             "02": {"image_size": 128, "epochs": 10, "batch_size": 64, "trainable_stages": 0},
             "07": {"image_size": 128, "epochs": 15, "batch_size": 64},
         },
