@@ -52,3 +52,24 @@ def test_readme_table_matches_committed_results():
         pytest.skip("no reference results committed yet")
     block = README.split("<!-- results:start -->\n", 1)[1].split("\n<!-- results:end -->", 1)[0]
     assert block == results_table(ROOT / "results")
+
+
+def test_benchmarks_table_reads_the_json(tmp_path):
+    import json
+    from vericar.report import benchmarks_table
+    (tmp_path / "bench_index.json").write_text(json.dumps({
+        "benchmark": "bench_index", "data": "latent", "n_queries": 1000, "dim": 256, "k": 10,
+        "machine": {"cpu_count": 2, "torch": "2.14.1", "load_average_1_5_15min_at_start": [0.1, 0.2, 0.3]},
+        "timestamp": "2026-11-27T03:30:00", "results": [
+            {"db_size": 1000000, "method": "faiss IVF nprobe=16", "queries_per_s": 2743.2,
+             "speed_vs_exact_torch": 41.87, "recall_at_1": 0.998}]}))
+    (tmp_path / "bench_index_quick.json").write_text("{not read}")
+    table = benchmarks_table(tmp_path)
+    assert "`python benchmarks/bench_index.py` (1000 queries, 256-d, latent data; 2 CPU cores" in table
+    assert "| 1,000,000 | faiss IVF nprobe=16 | 10 | 2,743 | 41.87x | 0.998 |" in table
+
+
+def test_readme_benchmarks_match_committed_json():
+    from vericar.report import benchmarks_table
+    block = README.split("<!-- benchmarks:start -->\n", 1)[1].split("\n<!-- benchmarks:end -->", 1)[0]
+    assert block == benchmarks_table(ROOT / "benchmarks" / "results")

@@ -1,7 +1,10 @@
-"""Render the results table of the README from ``results/*.json`` (never typed by hand).
+"""Render the README's results and benchmark tables from the JSON that runs wrote (never typed by hand).
 
-    python -m vericar.report                   # print the table
-    python -m vericar.report --readme README.md   # replace the block between the results markers
+    python -m vericar.report                   # print the tables
+    python -m vericar.report --readme README.md   # replace the blocks between the results / benchmarks markers
+
+Results come from ``results/*.json`` (the notebooks), benchmarks from ``benchmarks/results/bench_*.json``
+(the scripts in ``benchmarks/``; ``*_quick.json`` smoke runs are left out).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 from pathlib import Path
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+BENCH_START, BENCH_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 #: The metrics shown per notebook (others stay in the JSON). Percent-formatted when in [0, 1].
 HEADLINE = {
@@ -56,26 +60,68 @@ def results_table(results_dir: str | Path) -> str:
     return "\n".join(rows)
 
 
-def update_readme(readme: str | Path, results_dir: str | Path) -> None:
+def _machine(payload: dict) -> str:
+    m = payload.get("machine", {})
+    load = m.get("load_average_1_5_15min_at_start")
+    load_text = f", load {load[0]:.1f} at start" if load else ""
+    return f"{m.get('cpu_count', '?')} CPU cores, torch {m.get('torch', '?')}{load_text}"
+
+
+def benchmarks_table(bench_dir: str | Path) -> str:
+    """Markdown tables of the benchmark JSON files: queries/s and the speed ratio each script reports."""
+    out: list[str] = []
+    for path in sorted(Path(bench_dir).glob("bench_*.json")):
+        if path.stem.endswith("_quick"):
+            continue
+        payload = json.loads(path.read_text())
+        name = payload.get("benchmark", path.stem)
+        data = f", {payload['data']} data" if payload.get("data") else ""
+        out.append(f"`python benchmarks/{name}.py` ({payload.get('n_queries')} queries, {payload.get('dim')}-d"
+                   f"{data}; {_machine(payload)}; {payload.get('timestamp', '')[:10]}):")
+        out.append("")
+        ratio = next((k for k in (payload.get("results") or [{}])[0] if k.startswith("speed")), None)
+        recall = any("recall_at_1" in r for r in payload.get("results", []))
+        out.append("| database | method | k | queries/s | " + (ratio or "ratio").replace("_", " ")
+                   + (" | recall@1 vs exact |" if recall else " |"))
+        out.append("|---|---|---|---|---|" + ("---|" if recall else ""))
+        for r in payload.get("results", []):
+            row = (f"| {r['db_size']:,} | {r['method']} | {r.get('k', payload.get('k'))} | "
+                   f"{r['queries_per_s']:,.0f} | {r.get(ratio, float('nan')):.2f}x |")
+            out.append(row + (f" {r.get('recall_at_1', float('nan')):.3f} |" if recall else ""))
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def _replace_block(text: str, start: str, end: str, body: str, readme: Path) -> str:
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme} has no {start} ... {end} block")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
+def update_readme(readme: str | Path, results_dir: str | Path, bench_dir: str | Path | None = None) -> None:
+    """Rewrite the results block (and the benchmarks block, when ``bench_dir`` is given)."""
     readme = Path(readme)
-    text = readme.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{readme} has no {START} ... {END} block")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{results_table(results_dir)}\n{END}{tail}")
+    text = _replace_block(readme.read_text(), START, END, results_table(results_dir), readme)
+    if bench_dir is not None:
+        text = _replace_block(text, BENCH_START, BENCH_END, benchmarks_table(bench_dir), readme)
+    readme.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vericar.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default="results")
+    parser.add_argument("--benchmarks", default="benchmarks/results")
     parser.add_argument("--readme")
     args = parser.parse_args(argv)
     if args.readme:
-        update_readme(args.readme, args.results)
+        update_readme(args.readme, args.results, args.benchmarks)
     else:
         print(results_table(args.results))
+        print()
+        print(benchmarks_table(args.benchmarks))
     return 0
 
 
