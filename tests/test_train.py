@@ -60,15 +60,39 @@ def test_finished_run_is_loaded_not_retrained(synthcars_tiny, tmp_path):
         load_run(tmp_path / "missing")
 
 
-@pytest.mark.parametrize("stages", [0, 1])
-def test_cached_modes_train_and_reload(synthcars_tiny, tmp_path, stages):
-    config = dataclasses.replace(TINY, train_backbone=False, trainable_stages=stages, epochs=2)
+@pytest.mark.parametrize("stages,flip_tta", [(0, False), (1, False), (1, True)])
+def test_cached_modes_train_and_reload(synthcars_tiny, tmp_path, stages, flip_tta):
+    config = dataclasses.replace(TINY, train_backbone=False, trainable_stages=stages, epochs=2, flip_tta=flip_tta)
     run = train(synthcars_tiny, config, tmp_path / "run", cache_dir=tmp_path / "cache", progress=False)
     model = load_model(run)
+    assert model.flip_tta == flip_tta
     images = decode_images(synthcars_tiny, np.arange(6), 32, model.spec.interpolation, progress=False)
-    again = embed_batches(model, images, model.spec, progress=False)
+    again = embed_batches(model, images, model.spec, progress=False)  # the reloaded model embeds like training
     np.testing.assert_allclose(again, run.embeddings[:6], atol=2e-3)  # embeddings are stored in float16
     assert list((tmp_path / "cache").glob("features-tiny_cnn-trunk-1-32px-*.npy"))
+    if flip_tta:  # the stored embedding is the normalised mean of the image's and its mirror's embeddings
+        model.flip_tta = False
+        plain = embed_batches(model, images, model.spec, progress=False)
+        mirror = embed_batches(model, images.flip(-1), model.spec, progress=False)
+        mean = plain + mirror
+        np.testing.assert_allclose(mean / np.linalg.norm(mean, axis=1, keepdims=True), run.embeddings[:6],
+                                   atol=2e-3)
+
+
+def test_flip_tta_in_fine_tuning_embeds_through_the_model(synthcars_tiny, tmp_path):
+    run = train(synthcars_tiny, dataclasses.replace(TINY, epochs=1, flip_tta=True), tmp_path / "run", progress=False)
+    model = load_model(run)
+    images = decode_images(synthcars_tiny, np.arange(6), 32, model.spec.interpolation, progress=False)
+    np.testing.assert_allclose(embed_batches(model, images, model.spec, progress=False), run.embeddings[:6],
+                               atol=2e-3)
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():  # eval mode is invariant to mirroring; training mode does no TTA
+        torch.testing.assert_close(model(x), model(x.flip(-1)), atol=1e-5, rtol=0)
+        model.train()
+        torch.manual_seed(0)
+        a = model(x)
+        torch.manual_seed(0)
+        assert not torch.allclose(a, model(x.flip(-1)), atol=1e-3)
 
 
 def test_head_only_leaves_the_pretrained_backbone_untouched(synthcars_tiny, tmp_path):
@@ -111,3 +135,22 @@ def test_augment_is_batched_deterministic_and_bounded():
                       ratio=(1, 1), jitter=0)
     is_flipped = [torch.allclose(f, x[0].flip(-1), atol=1e-5) for f in flipped]
     assert 10 < sum(is_flipped) < 54  # about half of them mirrored
+
+
+def test_exported_run_is_small_and_loads_like_the_original(synthcars_tiny, tmp_path):
+    from vericar.train import export_run
+    run = train(synthcars_tiny, TINY, tmp_path / "r", progress=False)
+    files = export_run(tmp_path / "r", tmp_path / "home")
+    assert {p.name for p in files} == {"config.json", "metrics.json", "history.csv", "model.pt", "embeddings.npz"}
+    home = load_run(tmp_path / "home", synthcars_tiny)
+    np.testing.assert_allclose(home.embeddings, run.embeddings, atol=1e-3)
+    assert home.metrics == run.metrics and np.array_equal(home.split.query, run.split.query)
+    with pytest.raises(FileNotFoundError, match="without frozen-backbone features"):
+        home.frozen
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = load_model(run)(x), load_model(home)(x)
+    torch.testing.assert_close(a, b, atol=5e-3, rtol=0)  # half-precision weights
+    assert (tmp_path / "home" / "model.pt").stat().st_size < 0.6 * (tmp_path / "r" / "checkpoint.pt").stat().st_size
+    with_frozen = load_run(export_run(tmp_path / "r", tmp_path / "home2", frozen=True)[0].parent)
+    np.testing.assert_allclose(with_frozen.frozen, run.frozen, atol=1e-3)

@@ -451,23 +451,29 @@ class EmbeddingModel(nn.Module):
         head: :class:`ProjectionHead`.
         spec: the backbone's :class:`BackboneSpec` (use it to build transforms).
         config: the arguments of :func:`build_model` that rebuild this architecture (for checkpoints).
+        flip_tta: in eval mode, embed each image and its mirror image and return their normalised mean
+            (test-time augmentation: cars are left-right symmetric enough that the mirror is the same car,
+            and averaging the two views is a cheap gain; training mode never does it).
     """
 
     def __init__(self, backbone: nn.Module, spec: BackboneSpec, embedding_dim: int = 256,
-                 hidden_dim: int = 512, dropout: float = 0.1):
+                 hidden_dim: int = 512, dropout: float = 0.1, flip_tta: bool = False):
         super().__init__()
         self.backbone = backbone
         self.spec = spec
         self.head = ProjectionHead(spec.feature_dim, embedding_dim, hidden_dim, dropout)
         self.embedding_dim = embedding_dim
+        self.flip_tta = flip_tta
         self.config = {"backbone": spec.name, "embedding_dim": embedding_dim,
-                       "hidden_dim": hidden_dim, "dropout": dropout}
+                       "hidden_dim": hidden_dim, "dropout": dropout, "flip_tta": flip_tta}
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features ``(N, feature_dim)``, before the head."""
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.flip_tta and not self.training:
+            return flip_average(lambda v: self.head(self.backbone(v)), x)
         return F.normalize(self.head(self.backbone(x)), dim=-1)
 
     def param_groups(self, backbone_lr: float, head_lr: float, weight_decay: float) -> list[dict]:
@@ -488,11 +494,22 @@ class EmbeddingModel(nn.Module):
         return groups
 
 
+def flip_average(fn, x: torch.Tensor, flipped: torch.Tensor | None = None) -> torch.Tensor:
+    """L2-normalised mean of ``fn``'s normalised outputs for ``x`` and its mirror image.
+
+    ``flipped`` is the mirrored input when it is not ``x.flip(-1)`` (e.g. cached trunk features of the
+    mirrored images, whose spatial layout is not a flip of the plain ones' once pooled).
+    """
+    flipped = x.flip(-1) if flipped is None else flipped
+    return F.normalize(F.normalize(fn(x), dim=-1) + F.normalize(fn(flipped), dim=-1), dim=-1)
+
+
 def build_model(backbone: str = DEFAULT_BACKBONE, embedding_dim: int = 256, pretrained: bool = True,
-                dropout: float = 0.1, hidden_dim: int = 512) -> EmbeddingModel:
+                dropout: float = 0.1, hidden_dim: int = 512, flip_tta: bool = False) -> EmbeddingModel:
     """Build an :class:`EmbeddingModel` from a registered backbone name (see :func:`build_backbone`)."""
     module, spec = build_backbone(backbone, pretrained=pretrained)
-    return EmbeddingModel(module, spec, embedding_dim=embedding_dim, hidden_dim=hidden_dim, dropout=dropout)
+    return EmbeddingModel(module, spec, embedding_dim=embedding_dim, hidden_dim=hidden_dim, dropout=dropout,
+                          flip_tta=flip_tta)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -41,7 +41,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "all": {"dataset": "stanford_cars", "data_dir": "../shared/data/stanford_cars_small", "run_dir": "runs/full",
                 "quick": False, "device": "auto", "seed": 0},
         "per_notebook": {
-            "03": {"image_size": 160, "epochs": 15, "batch_size": 128, "trainable_stages": 0},
+            "03": {"image_size": 160, "epochs": 20, "batch_size": 128, "trainable_stages": 1, "backbone_lr": 1e-3,
+                   "flip_tta": True, "eval_every": 2},
             "02": {"image_size": 160, "epochs": 10, "batch_size": 64, "trainable_stages": 0,
                    "gradient_image_size": 160,
                    "accumulation_variants": ["list_stack_mean", "writeup_wrong_loop", "item_accumulate", "no_grad",
@@ -138,7 +139,7 @@ def publish(run_dir: Path, project_root: Path = PROJECT_ROOT) -> list[Path]:
     readme = project_root / "README.md"
     if readme.is_file():
         from .report import update_readme
-        update_readme(readme, project_root / "results")
+        update_readme(readme, project_root / "results", project_root / "benchmarks" / "results")
     return copied
 
 

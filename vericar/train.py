@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ from .embed import (augment, cached_features, decode_images, embed_batches, l2_n
                     resolve_device)
 from .evaluation import evaluate_embeddings
 from .losses import level_label_matrix, make_loss
-from .models import build_model, split_backbone
+from .models import build_model, flip_average, split_backbone
 
 SAMPLERS = ("m_per_class", "shuffle")
 DEFAULT_CACHE = Path.home() / ".cache" / "vericar" / "features"
@@ -83,6 +84,7 @@ class TrainConfig:
     eval_augment: bool = False  # the seed's bug, reproduced on purpose: evaluate with train-time augmentation
     eval_every: int = 1
     eval_k: int = 1
+    flip_tta: bool = False  # evaluate (and later embed) each image as the mean of it and its mirror image
     amp: bool = True
     seed: int = 0
     device: str = "auto"
@@ -96,6 +98,17 @@ class TrainConfig:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}")
         if self.sampler == "m_per_class" and self.batch_size % self.m_per_class:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of m_per_class ({self.m_per_class})")
+
+    def describe(self) -> str:
+        """The training mode in words, for tables and results files."""
+        if self.train_backbone:
+            mode = "fine-tune (backbone + head)"
+        elif self.trainable_stages:
+            k = self.trainable_stages
+            mode = f"last {k} backbone stage{'s' if k > 1 else ''} + head on cached trunk"
+        else:
+            mode = "head only on frozen, cached backbone features"
+        return mode + (", flip TTA" if self.flip_tta else "")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,13 +127,24 @@ class TrainedRun:
     config: TrainConfig
     history: pd.DataFrame
     embeddings: np.ndarray          # trained embeddings of every image of the dataset (L2-normalised)
-    frozen: np.ndarray              # frozen-backbone features of every image (L2-normalised)
+    frozen_features: np.ndarray | None  # frozen-backbone features (L2-normalised); None in an exported run
     metrics: dict[str, Any]
     split: Split
 
     @property
+    def frozen(self) -> np.ndarray:
+        """Frozen-backbone features of every image (L2-normalised): the before-training baseline."""
+        if self.frozen_features is None:
+            raise FileNotFoundError(
+                f"{self.path} is an exported run without frozen-backbone features (export_run(..., frozen=False)); "
+                "its frozen baseline metrics are in metrics.json. Retrain with vericar.train to get them")
+        return self.frozen_features
+
+    @property
     def model_path(self) -> Path:
-        return self.path / "checkpoint.pt"
+        """checkpoint.pt (weights + optimizer, resumable) or, in an exported run, model.pt (weights only)."""
+        ckpt = self.path / "checkpoint.pt"
+        return ckpt if ckpt.is_file() else self.path / "model.pt"
 
 
 def seed_everything(seed: int) -> None:
@@ -193,7 +217,7 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model = build_model(config.backbone, config.embedding_dim, pretrained=config.pretrained,
-                        dropout=config.dropout, hidden_dim=config.hidden_dim)
+                        dropout=config.dropout, hidden_dim=config.hidden_dim, flip_tta=config.flip_tta)
     if ddp.distributed and ddp.sync_batchnorm:  # before split_backbone takes references to submodules
         model = distributed.convert_sync_batchnorm(model, device)
     spec = model.spec
@@ -217,7 +241,8 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
         images = decode_images(cars, np.arange(len(cars)), config.image_size, spec.interpolation,
                                progress=progress)
         model = model.to(device).to(memory_format=torch.channels_last).eval()
-        frozen = (l2_normalize(embed_batches(model.features, images, spec, device=device, amp=config.amp,
+        features = (lambda x: flip_average(model.features, x)) if config.flip_tta else model.features
+        frozen = (l2_normalize(embed_batches(features, images, spec, device=device, amp=config.amp,
                                              progress=progress, desc="frozen features"))
                   if ddp.is_main else None)
         cached = flipped = None
@@ -232,25 +257,27 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
             import tempfile
             cache_dir = tempfile.mkdtemp(prefix="vericar-features-")
         kw = dict(tag=f"trunk-{cache_stages}", device=device, progress=progress)
+        mirrored = config.augment or config.flip_tta  # mirrored images' features: augmentation and/or TTA
         with distributed.main_first():  # rank 0 writes the feature cache, the others then read it
             features = cached_features(cars, trunk, spec, config.image_size, cache_dir,
-                                       flips=(False, True) if config.augment else (False,), **kw)
-            cached, flipped = features[0], (features[1] if config.augment else None)
+                                       flips=(False, True) if mirrored else (False,), **kw)
+            cached, flipped = features[0], (features[1] if mirrored else None)
         images = None
         model = model.to(device).eval()
         if config.trainable_stages == 0 and cache_stages > 0:  # head only: pool through the frozen tail once
-            cached = _apply_cached(tail, cached, device)
-            flipped = _apply_cached(tail, flipped, device) if flipped is not None else None
+            cached = _apply_cached(tail, device, cached)
+            flipped = _apply_cached(tail, device, flipped) if flipped is not None else None
             tail = torch.nn.Identity()
         for p in tail.parameters():
             p.requires_grad_(True)
-        frozen = l2_normalize(_apply_cached(tail, cached, device)) if ddp.is_main else None
+        frozen = (l2_normalize(_apply_cached(lambda *x: _tta(tail, config, *x), device, cached, flipped))
+                  if ddp.is_main else None)
 
     def embed_all() -> np.ndarray:
         """Embeddings of every image in eval mode (with train-time augmentation only if eval_augment)."""
         model.eval()
         if cached is not None:
-            return _apply_cached(lambda x: F.normalize(model.head(tail(x)), dim=-1), cached, device)
+            return _apply_cached(lambda *x: _tta(lambda v: model.head(tail(v)), config, *x), device, cached, flipped)
         if config.eval_augment:
             gen = torch.Generator().manual_seed(config.seed + 99)
             return embed_batches(lambda x: model(_augment_normalized(x, spec, gen)), images, spec,
@@ -370,11 +397,22 @@ def _default_cache_stages(backbone) -> int:
 
 
 @torch.no_grad()
-def _apply_cached(fn, cached: np.ndarray, device, batch_size: int = 1024) -> np.ndarray:
-    """``fn`` over cached inputs in batches (no gradients), float32 numpy out."""
-    out = [fn(torch.from_numpy(cached[i:i + batch_size]).to(device)).float().cpu()
-           for i in range(0, len(cached), batch_size)]
+def _apply_cached(fn, device, *arrays: np.ndarray | None, batch_size: int = 1024) -> np.ndarray:
+    """``fn(*batches)`` over aligned cached arrays in batches (no gradients), float32 numpy out.
+
+    ``None`` arrays are passed on as ``None``.
+    """
+    n = len(arrays[0])
+    out = [fn(*(torch.from_numpy(a[i:i + batch_size]).to(device) if a is not None else None for a in arrays))
+           .float().cpu() for i in range(0, n, batch_size)]
     return torch.cat(out).numpy()
+
+
+def _tta(fn, config: TrainConfig, x: torch.Tensor, mirrored: torch.Tensor | None = None) -> torch.Tensor:
+    """``fn(x)`` L2-normalised, or with ``config.flip_tta`` the normalised mean over ``x`` and its mirror."""
+    if config.flip_tta:
+        return flip_average(fn, x, mirrored)
+    return F.normalize(fn(x), dim=-1)
 
 
 def _augment_normalized(x: torch.Tensor, spec, gen: torch.Generator) -> torch.Tensor:
@@ -390,6 +428,8 @@ def _model_state(model) -> dict[str, torch.Tensor]:
 
 
 def _load_weights(model, state: dict[str, torch.Tensor]) -> None:
+    own = model.state_dict()  # an exported run stores half precision: cast back to the model's dtypes
+    state = {k: (v.to(own[k].dtype) if k in own and v.is_floating_point() else v) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -431,9 +471,37 @@ def load_run(run_dir: str | Path, cars: CarsDataset | None = None) -> TrainedRun
                   ood_database=data["split_ood_database"], heldout_class_ids=data["split_heldout_class_ids"])
     history_path = run_dir / "history.csv"
     history = pd.read_csv(history_path) if history_path.is_file() else pd.DataFrame()
+    frozen = data["frozen"].astype(np.float32) if "frozen" in data.files else None
     return TrainedRun(path=run_dir, config=config, history=history,
-                      embeddings=data["trained"].astype(np.float32), frozen=data["frozen"].astype(np.float32),
+                      embeddings=data["trained"].astype(np.float32), frozen_features=frozen,
                       metrics=json.loads((run_dir / "metrics.json").read_text()), split=split)
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, *, frozen: bool = False) -> list[Path]:
+    """A small, portable copy of a finished run, e.g. to bring a GPU run home through a size-limited channel.
+
+    Writes ``config.json``, ``metrics.json``, ``history.csv``, ``model.pt`` (the model's weights in half
+    precision: no optimizer state, so not resumable) and ``embeddings.npz`` (trained embeddings in float16,
+    labels, split). The frozen-backbone features (1280-d for EfficientNet-Lite: the largest array) are left out
+    unless ``frozen=True``; the frozen baseline's metrics stay in ``metrics.json``. :func:`load_run` and
+    :func:`load_model` read the copy like the original.
+    """
+    src, out = Path(run_dir), Path(out_dir)
+    run = load_run(src)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "metrics.json", "history.csv"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+    ckpt = torch.load(run.model_path, map_location="cpu", weights_only=False)
+    weights = {k: (v.half() if v.is_floating_point() else v) for k, v in ckpt["model"].items()}
+    torch.save({"model": weights, "config": ckpt.get("config"), "model_config": ckpt.get("model_config"),
+                "epoch": ckpt.get("epoch")}, out / "model.pt")
+    arrays = {"trained": run.embeddings.astype(np.float16), "labels": np.load(src / "embeddings.npz")["labels"],
+              **_split_arrays(run.split)}
+    if frozen:
+        arrays["frozen"] = run.frozen.astype(np.float16)
+    np.savez_compressed(out / "embeddings.npz", **arrays)
+    return sorted(out.iterdir())
 
 
 def load_model(run: TrainedRun | str | Path, device: str = "cpu"):
@@ -442,7 +510,7 @@ def load_model(run: TrainedRun | str | Path, device: str = "cpu"):
     ckpt = torch.load(run.model_path, map_location="cpu", weights_only=False)
     cfg = run.config
     model = build_model(cfg.backbone, cfg.embedding_dim, pretrained=False, dropout=cfg.dropout,
-                        hidden_dim=cfg.hidden_dim)  # every weight comes from the checkpoint
+                        hidden_dim=cfg.hidden_dim, flip_tta=cfg.flip_tta)  # every weight comes from the checkpoint
     _load_weights(model, ckpt["model"])
     return model.to(resolve_device(device)).eval()
 
