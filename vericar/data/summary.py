@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import imagehash
 import numpy as np
 import pandas as pd
 from PIL import Image
@@ -49,6 +48,8 @@ def scan_images(cars: CarsDataset, hash_size: int = 8, progress: bool = True) ->
     Sizes are those of the image as used (after the bounding-box crop); the hash is computed on the same
     crop. Unreadable images get an ``error`` message and no hash; none is dropped.
     """
+    import imagehash  # here, not at module level: training (e.g. on a bare GPU machine) never needs it
+
     rows = []
     for i in tqdm(range(len(cars)), desc="scanning images", disable=not progress):
         path = cars.path(i)
