@@ -130,3 +130,13 @@ def test_command_line(run_dir, folder, tmp_path, capsys):
     assert (tmp_path / "cli.npz").is_file() and (tmp_path / "cli.failed.csv").is_file()
     with pytest.raises(FileNotFoundError, match="pass a folder"):
         ef.list_images(tmp_path / "missing")
+
+
+def test_python_m_vericar_embed_is_the_folder_embedder(run_dir, folder, tmp_path):
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "vericar.embed", str(folder), "--checkpoint", str(run_dir),
+                           "--out", str(tmp_path / "m"), "--device", "cpu", "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "6 images embedded" in done.stderr and (tmp_path / "m.npz").is_file()

@@ -182,3 +182,9 @@ def cached_features(cars: CarsDataset, module, spec: BackboneSpec, image_size: i
              "image_size": image_size, "flip": flip, "shape": list(feats.shape)}, indent=1))
         out.append(feats.astype(np.float32))
     return out
+
+
+if __name__ == "__main__":  # ``python -m vericar.embed FOLDER --checkpoint RUN``: the folder embedder
+    from .embed_folder import main
+
+    raise SystemExit(main())

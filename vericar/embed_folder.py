@@ -1,6 +1,6 @@
 """Embed every image of a folder with a trained run's model: resumable, and unreadable images reported.
 
-    python -m vericar.embed_folder photos/ --checkpoint runs/full/models/official
+    python -m vericar.embed_folder photos/ --checkpoint runs/full/models/official   # or: python -m vericar.embed ...
     python -m vericar.embed_folder photos/ --checkpoint RUN_DIR --out photos.npz --batch-size 128 --device cuda
 
 ``RUN_DIR`` is a run folder made by :func:`vericar.train.train`: its model (:func:`vericar.train.load_model`)
@@ -230,7 +230,7 @@ def embed_folder(folder: str | Path, checkpoint: str | Path, out: str | Path | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vericar.embed_folder", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m vericar.embed_folder (or vericar.embed)", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", help="folder of images (searched recursively)")
     parser.add_argument("--checkpoint", required=True, help="a run folder made by vericar.train (RUN_DIR)")
