@@ -167,3 +167,20 @@ def test_retraining_with_another_config_drops_the_old_results_first(synthcars_ti
     assert not (tmp_path / "r" / "metrics.json").exists()  # not the first run's metrics under the new config
     with pytest.raises(FileNotFoundError, match="not a finished training run"):
         load_run(tmp_path / "r")
+
+
+def test_evaluation_frequency_does_not_change_the_model_so_runs_are_reused(synthcars_tiny, tmp_path):
+    full = train(synthcars_tiny, TINY, tmp_path / "full", progress=False)
+    again = train(synthcars_tiny, dataclasses.replace(TINY, eval_every=3), tmp_path / "full", progress=False,
+                  callback=lambda *a: pytest.fail("retrained"))
+    assert np.array_equal(again.embeddings, full.embeddings)
+
+    def stop(epoch, record):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(synthcars_tiny, TINY, tmp_path / "resumed", progress=False, callback=stop)
+    resumed = train(synthcars_tiny, dataclasses.replace(TINY, eval_every=2), tmp_path / "resumed", progress=False)
+    assert resumed.history["epoch"].tolist() == [1, 2, 3]  # resumed from epoch 1, not restarted
+    np.testing.assert_allclose(resumed.embeddings, full.embeddings, atol=2e-3)

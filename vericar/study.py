@@ -42,7 +42,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                 "quick": False, "device": "auto", "seed": 0},
         "per_notebook": {
             "03": {"image_size": 160, "epochs": 20, "batch_size": 128, "trainable_stages": 1, "backbone_lr": 1e-3,
-                   "flip_tta": True, "eval_every": 2},
+                   "flip_tta": True, "eval_every": 5},
             "02": {"image_size": 160, "epochs": 10, "batch_size": 64, "trainable_stages": 0,
                    "gradient_image_size": 160,
                    "accumulation_variants": ["list_stack_mean", "writeup_wrong_loop", "item_accumulate", "no_grad",

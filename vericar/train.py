@@ -303,7 +303,7 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
     ckpt_path = run_dir / "checkpoint.pt"
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ckpt.get("config") == config_json and ckpt.get("epoch", 0) < config.epochs:
+        if _same_model(ckpt.get("config") or {}, config_json) and ckpt.get("epoch", 0) < config.epochs:
             _load_weights(model, ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
@@ -450,9 +450,19 @@ def _split_arrays(split: Split) -> dict[str, np.ndarray]:
                                                          "heldout_class_ids")}
 
 
+#: Settings that do not change the trained model: evaluation only reads it, and each epoch's randomness is
+#: seeded from (seed, epoch). A finished or interrupted run is reused whatever they are.
+NOT_AFFECTING_THE_MODEL = ("eval_every",)
+
+
+def _same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    drop = set(NOT_AFFECTING_THE_MODEL)
+    return {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+
+
 def _same_config(run_dir: Path, config_json: dict[str, Any]) -> bool:
     path = run_dir / "config.json"
-    return path.is_file() and json.loads(path.read_text()) == config_json
+    return path.is_file() and _same_model(json.loads(path.read_text()), config_json)
 
 
 def load_run(run_dir: str | Path, cars: CarsDataset | None = None) -> TrainedRun:
