@@ -16,8 +16,8 @@ many epochs as fit. Each finished run is exported small (:func:`vericar.train.ex
 weights, trained embeddings, no frozen features) and packed as ``$OUT/<protocol>.tar`` (config, metrics,
 history, embeddings) plus ``$OUT/<protocol>-model.pt``, so each file stays under the 16 MiB return limit;
 ``$OUT/gpu_trip.json`` sums up (metrics, seconds, images/s, device). At home:
-``python scripts/gpu_trip.py --unpack <files_at> --to runs/gpu`` restores the run folders, which
-``load_run`` and notebook 03 (``render_only=True``) read.
+``python scripts/gpu_trip.py --unpack <files_at> --to runs/gpu/models`` restores the run folders, which
+``load_run`` and notebook 03 read (``-p run_dir runs/gpu -p render_only true``).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed-budget-s", type=float, default=30.0, help="training seconds for protocol seed")
     parser.add_argument("--flip-tta", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
     parser.add_argument("--unpack", help="a trip's returned files: restore run folders (with --to) and stop")
-    parser.add_argument("--to", default="runs/gpu")
+    parser.add_argument("--to", default="runs/gpu/models")
     args = parser.parse_args(argv)
     if args.unpack:
         for folder in unpack(Path(args.unpack), Path(args.to)):
