@@ -20,22 +20,30 @@ BENCH_START, BENCH_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 HEADLINE = {
     "01_eda": ["images", "classes", "makes", "near_duplicate_pairs", "near_duplicates_cross_class"],
     "03_training": ["precision_at_1", "map_at_r", "accuracy_make", "accuracy_model", "train_seconds"],
-    "06_ood": ["fpr95", "auroc", "aupr"],
+    "04_embeddings_umap": ["purity_query_frozen_model", "purity_query_trained_model", "purity_query_trained_make",
+                           "open_world_trained_heldout_class_purity"],
+    "05_error_analysis": ["precision_at_1", "frozen_precision_at_1", "accuracy_make", "n_errors"],
+    "06_ood": ["fpr95", "auroc", "aupr", "new_precision_at_1", "known_precision_at_1_before",
+               "known_precision_at_1_after", "new_accepted"],
 }
 COUNT_METRICS = {"images", "classes", "makes", "near_duplicate_pairs", "near_duplicates_cross_class",
-                 "train_seconds", "images_per_second"}
+                 "train_seconds", "images_per_second", "n_errors", "n_queries"}
 
 
 def _fmt(name: str, value) -> str:
     if value is None:
         return "n/a"
-    if name in COUNT_METRICS or not isinstance(value, float) or not 0 <= value <= 1:
+    if name in COUNT_METRICS or isinstance(value, int):
         return f"{value:,.0f}" if isinstance(value, (int, float)) else str(value)
-    return f"{100 * value:.1f}%"
+    if not isinstance(value, float):
+        return str(value)
+    return f"{100 * value:.1f}%" if 0 <= value <= 1 else f"{value:.3g}"
 
 
 def _label(entry: dict) -> str:
     extra = [entry.get(k) for k in ("mode", "method", "variant", "holdout", "loss") if entry.get(k)]
+    if entry.get("shots") is not None:  # 06's add-without-retraining entries
+        extra.append(f"new classes added with {entry['shots']} labelled images each")
     return "; ".join(str(e) for e in extra)
 
 
