@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                                      "images_per_second": m["images_per_second"], "wall_seconds": wall}
         print(f"{protocol}: P@1 {m['frozen']['precision_at_1']:.3f} -> {m['trained']['precision_at_1']:.3f}, "
               f"{m['train_seconds']:.1f} s training, {m['images_per_second']:.0f} images/s", flush=True)
-        files = pack(Path(export_run(work / protocol, work / f"{protocol}-export")[0]).parent, out, protocol)
+        export_dir = work / f"{protocol}-export"
+        export_run(work / protocol, export_dir)
+        files = pack(export_dir, out, protocol)
         summary["runs"][protocol]["returned_files"] = {f.name: f.stat().st_size for f in files}
         summary["total_seconds"] = time.perf_counter() - t_start
         (out / "gpu_trip.json").write_text(json.dumps(summary, indent=2))  # after each run: a timeout keeps it

@@ -21,6 +21,12 @@ REAL_DEVKIT = SHARED_DATA / "stanford_cars_devkit"
 CLASS_NAMES = ["Audi TTS Coupe 2012", "Acura TL Sedan 2012", "Dodge Dakota Club Cab 2007"]
 
 
+def unit_circle(deg) -> np.ndarray:
+    """Points on the unit circle at the given angles (degrees): 2-d embeddings whose ranking is easy by hand."""
+    r = np.deg2rad(np.asarray(deg, dtype=np.float64))
+    return np.stack([np.cos(r), np.sin(r)], axis=1).astype(np.float32)
+
+
 def jpeg_bytes(size=(24, 16), color=(200, 30, 30), mode="RGB") -> bytes:
     buf = io.BytesIO()
     Image.new(mode, size, color if mode == "RGB" else (color[0] if mode == "L" else (10, 20, 30, 40))).save(

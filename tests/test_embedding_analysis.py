@@ -6,22 +6,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import unit_circle
 from vericar.data.hierarchy import hierarchy_table
 from vericar.embedding_analysis import (chance_purity, embedding_quality, label_table, neighbour_agreement,
                                         neighbourhood_purity, silhouette_cosine, stratified_sample, top_n_labels,
                                         umap_2d)
 
 
-def _circle(deg):
-    r = np.deg2rad(np.asarray(deg, dtype=np.float64))
-    return np.stack([np.cos(r), np.sin(r)], axis=1).astype(np.float32)
-
-
 def test_purity_by_hand():
     # angles 0, 10, 30, 100, 110 with labels A A B B C
     # k=1: 0->10 (A=A), 10->0 (A), 30->10 (B vs A: 0), 100->110 (B vs C: 0), 110->100 (C vs B: 0)  -> 2/5
     # k=2: 0->{10,30}: 1/2; 10->{0,30}: 1/2; 30->{10,0}: 0; 100->{110,30}: 1/2; 110->{100,30}: 0   -> 1.5/5
-    x = _circle([0, 10, 30, 100, 110])
+    x = unit_circle([0, 10, 30, 100, 110])
     lab = np.array(["A", "A", "B", "B", "C"])
     agree = neighbour_agreement(x, lab, k=1)
     assert list(agree["label"]) == [1, 1, 0, 0, 0]
@@ -35,7 +31,7 @@ def test_purity_by_hand():
 
 
 def test_purity_checks():
-    x = _circle([0, 10, 20])
+    x = unit_circle([0, 10, 20])
     with pytest.raises(ValueError):
         neighbour_agreement(x, np.array([0, 1]), k=1)
     with pytest.raises(ValueError):
@@ -69,7 +65,7 @@ def test_silhouette_matches_sklearn():
 
 def test_silhouette_by_hand():
     # two tight pairs far apart: a = small, b = large -> close to 1
-    x = _circle([0, 2, 180, 182])
+    x = unit_circle([0, 2, 180, 182])
     s = silhouette_cosine(x, [0, 0, 1, 1])
     a = 1 - np.cos(np.deg2rad(2))
     b = np.mean([1 - np.cos(np.deg2rad(180)), 1 - np.cos(np.deg2rad(182))])
@@ -89,7 +85,7 @@ def test_label_table_prefix_semantics():
 
 
 def test_embedding_quality_table():
-    x = _circle([0, 10, 30, 100, 110])
+    x = unit_circle([0, 10, 30, 100, 110])
     labels = pd.DataFrame({"c": ["A", "A", "B", "B", "C"]})
     q = embedding_quality({"before": x, "after": x[::-1].copy()}, labels, k=1)
     assert list(q["stage"]) == ["before", "after"]

@@ -8,13 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import unit_circle
 from vericar.metrics import grouped_accuracy, level_accuracy, retrieval_metrics, wilson_interval
 from vericar.retrieval import hierarchical_predict
-
-
-def _circle(deg):
-    r = np.deg2rad(np.asarray(deg, dtype=np.float64))
-    return np.stack([np.cos(r), np.sin(r)], axis=1).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -24,9 +20,9 @@ def _circle(deg):
 
 def test_retrieval_metrics_by_hand():
     # Points on the unit circle (angles in degrees); the ranking follows the angular distance.
-    db = _circle([10, 20, 30, 40, 50])
+    db = unit_circle([10, 20, 30, 40, 50])
     db_lab = np.array(["A", "B", "A", "B", "A"])
-    q = _circle([0, 22, 52])
+    q = unit_circle([0, 22, 52])
     q_lab = np.array(["A", "B", "B"])
     # q0 (A, R=3): ranking A10 B20 A30 B40 A50 -> rel 1 0 1      AP@R = (1/1 + 2/3)/3 = 5/9, R-prec 2/3
     # q1 (B, R=2): ranking B20 A30 A10 B40 A50 -> rel 1 0        AP@R = (1/1)/2 = 1/2,       R-prec 1/2
@@ -44,7 +40,7 @@ def test_retrieval_metrics_by_hand():
 
 def test_retrieval_metrics_leave_one_out_by_hand():
     # angles 0 (A), 10 (A), 25 (B), 45 (A), 60 (B); leave-one-out, R = class size - 1
-    x = _circle([0, 10, 25, 45, 60])
+    x = unit_circle([0, 10, 25, 45, 60])
     y = np.array([0, 0, 1, 0, 1])
     # item0 (R=2): 10A 25B 45A -> rel 1 0        AP = 1/2,  P@1 1, R-prec 1/2
     # item1 (R=2): 0A 25B 45A  -> rel 1 0        AP = 1/2,  P@1 1, R-prec 1/2
@@ -103,7 +99,7 @@ def test_retrieval_metrics_match_bruteforce(knn):
 
 
 def test_retrieval_metrics_validation():
-    x = _circle([0, 10, 20])
+    x = unit_circle([0, 10, 20])
     with pytest.raises(ValueError):
         retrieval_metrics(x, [0, 0, 1], x, None)
     with pytest.raises(ValueError):

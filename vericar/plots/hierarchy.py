@@ -121,6 +121,17 @@ def hierarchy_difference_figure(comparison: pd.DataFrame, *, baseline: str = "MS
     return fig
 
 
+def _stacked_shares(ax, y: float, shares, colours, labels=None, *, min_label: float, height: float = 0.8) -> None:
+    """One horizontal bar of shares stacked left to right, each segment >= ``min_label`` labelled in percent."""
+    left = 0.0
+    for j, (share, colour) in enumerate(zip(shares, colours)):
+        ax.barh(y, share, left=left, color=colour, edgecolor="white", height=height,
+                label=labels[j] if labels is not None else None)
+        if share >= min_label:
+            ax.text(left + share / 2, y, f"{share:.0%}", ha="center", va="center", fontsize=7, color="white")
+        left += share
+
+
 def hierarchy_error_depth_figure(depths: pd.DataFrame, *, title: str = ""):
     """When the class is wrong, how much is still right: stacked bars per loss, grouped by panel.
 
@@ -142,13 +153,9 @@ def hierarchy_error_depth_figure(depths: pd.DataFrame, *, title: str = ""):
         ticks.append(y)
         n = d.loc[(p, l), "n"] if "n" in d.columns else None
         labels.append(f"{p} | {l}" + (f" (n={int(n)})" if n is not None and not pd.isna(n) else ""))
-        left = 0.0
-        for c, colour in zip(depth_cols, _DEPTH_COLOURS + list(sns.color_palette("deep", 10))):
-            share = float(d.loc[(p, l), c]) if not pd.isna(d.loc[(p, l), c]) else 0.0
-            ax.barh(y, share, left=left, color=colour, edgecolor="white", height=0.8, label=c if i == 0 else None)
-            if share >= 0.05:
-                ax.text(left + share / 2, y, f"{share:.0%}", ha="center", va="center", fontsize=7, color="white")
-            left += share
+        colours = _DEPTH_COLOURS + list(sns.color_palette("deep", 10))
+        shares = [float(v) if not pd.isna(v) else 0.0 for v in d.loc[(p, l), depth_cols]]
+        _stacked_shares(ax, y, shares, colours, depth_cols if i == 0 else None, min_label=0.05, height=0.8)
         y += 1.0
     ax.set_yticks(ticks, labels, fontsize=8)
     ax.invert_yaxis()
@@ -169,14 +176,9 @@ def hierarchy_loss_shares_figure(shares: pd.DataFrame, *, levels: Sequence[str] 
     """
     fig, ax = plt.subplots(figsize=(9, 1.1 + 0.36 * len(shares)))
     for y, (_, row) in enumerate(shares.iterrows()):
-        left = 0.0
-        for level in levels:
-            share = float(row[level])
-            ax.barh(y, share, left=left, color=_LEVEL_COLOURS.get(level, "0.5"), edgecolor="white",
-                    label=level if y == 0 else None)
-            if share >= 0.06:
-                ax.text(left + share / 2, y, f"{share:.0%}", ha="center", va="center", fontsize=7, color="white")
-            left += share
+        _stacked_shares(ax, y, [float(row[level]) for level in levels],
+                        [_LEVEL_COLOURS.get(level, "0.5") for level in levels], list(levels) if y == 0 else None,
+                        min_label=0.06)
     ax.set_yticks(np.arange(len(shares)), shares["label"], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
