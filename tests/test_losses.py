@@ -466,3 +466,31 @@ def test_level_label_matrix_stanford_cars():
     for l in range(1, 4):
         for key in set(mat[:, l]):
             assert len(set(mat[mat[:, l] == key, l - 1])) == 1
+
+
+@pytest.mark.parametrize("name", ["proxy_anchor", "norm_softmax", "arcface"])
+def test_proxy_losses_learn_one_proxy_per_class(name):
+    """Free embeddings of 4 classes and the loss's proxies, optimised together: each proxy ends nearest its class."""
+    from vericar.losses import make_loss
+
+    torch.manual_seed(0)
+    classes = np.array([3, 5, 8, 13])  # label values need not be contiguous
+    labels = torch.from_numpy(np.repeat(classes, 8))
+    emb = torch.nn.Parameter(torch.randn(len(labels), 16))
+    loss_fn = make_loss(name, classes=classes, embedding_size=16)
+    opt = torch.optim.Adam([emb, *loss_fn.parameters()], lr=0.05)
+    first = None
+    for _ in range(150):
+        loss = loss_fn(emb, labels)
+        first = float(loss) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.5 * first
+    logits = loss_fn.logits(emb.detach())
+    assert logits.shape == (32, 4)
+    assert (classes[logits.argmax(1).numpy()] == labels.numpy()).all()
+    with pytest.raises(ValueError, match="not among"):
+        loss_fn(emb, torch.full((32,), 4))
+    with pytest.raises(ValueError, match="proxy loss: pass classes"):
+        make_loss(name)

@@ -50,6 +50,17 @@ def test_seed_protocol_needs_two_images_per_class():
         make_split(toy(train_per_class=1), "seed")
 
 
+def test_val_protocol_uses_train_images_only_and_other_queries_than_seed():
+    cars = toy(train_per_class=30)
+    v, s = make_split(cars, "val", seed=0), make_split(cars, "seed", seed=0)
+    t = cars.table
+    assert set(t.loc[np.concatenate([v.train, v.query]), "split"]) == {"train"}  # no test image is touched
+    assert _disjoint(v.query, v.train) and len(v.query) + len(v.train) == 30 * len(NAMES)
+    assert (t.loc[v.query].groupby("class_id").size() == 6).all()
+    overlap = len(np.intersect1d(v.query, s.query)) / len(v.query)
+    assert overlap < 0.5  # independent draws of 20%: ~20% expected overlap, never the same queries
+
+
 def test_official_protocol():
     cars = toy()
     s = make_split(cars, "official")
@@ -107,3 +118,43 @@ def test_real_data_protocol_sizes():
     assert len(z.train) == 8054 and len(z.query) == 8131  # the metric-learning benchmark split, classes 1-98 / 99-196
     o = make_split(cars, "official")
     assert (len(o.database), len(o.query)) == (8144, 8041)
+
+
+def _ssb_file(tmp_path, cars, kinds, names=None):
+    names = names or cars.class_names
+    path = tmp_path / "splits.csv"
+    pd.DataFrame({"class_id": range(1, len(names) + 1), "class_name": names, "ssb_split": kinds}).to_csv(path, index=False)
+    return path
+
+
+def test_ssb_protocol_trains_on_known_classes_only(tmp_path):
+    cars = toy()
+    kinds = ["known", "easy", "known", "medium", "known", "hard", "known", "easy"]
+    s = make_split(cars, "ssb", ssb_file=_ssb_file(tmp_path, cars, kinds))
+    t = cars.table
+    assert sorted(s.heldout_class_ids) == [2, 4, 6, 8]
+    assert set(t.loc[s.train, "class_id"]) == {1, 3, 5, 7} and set(t.loc[s.train, "split"]) == {"train"}
+    assert set(t.loc[s.query, "split"]) == {"test"} and set(t.loc[s.query, "class_id"]) == {1, 3, 5, 7}
+    assert set(t.loc[s.ood_query, "class_id"]) == {2, 4, 6, 8} and set(t.loc[s.ood_query, "split"]) == {"test"}
+
+
+def test_ssb_split_refuses_shifted_or_missing_files(tmp_path):
+    cars = toy()
+    shifted = NAMES[1:] + NAMES[:1]  # ids off by one, as a public loader's bug makes them
+    with pytest.raises(DataError, match="shifted"):
+        make_split(cars, "ssb", ssb_file=_ssb_file(tmp_path, cars, ["known"] * 8, shifted))
+    with pytest.raises(DataError, match="no SSB class split"):
+        make_split(cars, "ssb", ssb_file=tmp_path / "nope.csv")
+
+
+@requires_real_data
+def test_real_ssb_split_counts():
+    from vericar.data import ssb_class_split
+
+    cars = load_stanford_cars(REAL_SMALL)
+    ssb = ssb_class_split(cars)  # found beside the data folder
+    assert ssb["ssb_split"].value_counts().to_dict() == {"known": 98, "easy": 76, "medium": 15, "hard": 7}
+    s = make_split(cars, "ssb")
+    t = cars.table
+    assert t.loc[s.train, "class_id"].nunique() == 98 and not set(t.loc[s.train, "class_id"]) & set(s.heldout_class_ids)
+    assert t.loc[s.ood_query, "class_id"].nunique() == 98 and set(t.loc[s.query, "split"]) == {"test"}

@@ -184,3 +184,31 @@ def test_evaluation_frequency_does_not_change_the_model_so_runs_are_reused(synth
     resumed = train(synthcars_tiny, dataclasses.replace(TINY, eval_every=2), tmp_path / "resumed", progress=False)
     assert resumed.history["epoch"].tolist() == [1, 2, 3]  # resumed from epoch 1, not restarted
     np.testing.assert_allclose(resumed.embeddings, full.embeddings, atol=2e-3)
+
+
+@pytest.mark.parametrize("loss", ["proxy_anchor", "norm_softmax"])
+def test_proxy_losses_train_and_save_their_proxies(synthcars_tiny, tmp_path, loss):
+    config = dataclasses.replace(TINY, loss=loss, epochs=4, proxy_lr=1e-2)
+    run = train(synthcars_tiny, config, tmp_path / "run", progress=False)
+    assert run.history["loss"].iloc[-1] < run.history["loss"].iloc[0]
+    saved = np.load(tmp_path / "run" / "proxies.npz")
+    trained_classes = np.unique(synthcars_tiny.labels[run.split.train])
+    assert np.array_equal(saved["classes"], trained_classes) and str(saved["kind"]) == loss
+    assert saved["proxies"].shape == (len(trained_classes), config.embedding_dim)
+    np.testing.assert_allclose(np.linalg.norm(saved["proxies"], axis=1), 1, atol=1e-5)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert any("prox" in k or k.endswith("W") for k in ckpt["loss"])  # resumable with its proxies
+
+
+def test_augmented_views_are_cached_once_and_drawn_in_training(synthcars_tiny, tmp_path):
+    base = dataclasses.replace(TINY, train_backbone=False, trainable_stages=1, epochs=2)
+    plain = train(synthcars_tiny, base, tmp_path / "plain", progress=False, cache_dir=tmp_path / "cache")
+    views = train(synthcars_tiny, dataclasses.replace(base, aug_views=2), tmp_path / "views", progress=False,
+                  cache_dir=tmp_path / "cache")
+    cached = sorted(p.name.split("px-")[1].split("-")[0] for p in (tmp_path / "cache").glob("*.npy"))
+    assert cached == ["aug0", "aug1", "flip", "plain"]
+    # the augmented views are other inputs than the plain and mirrored ones: the trained models differ
+    assert not np.allclose(plain.embeddings, views.embeddings, atol=1e-3)
+    assert "2 augmented views" in views.config.describe()
+    with pytest.raises(ValueError, match="aug_views"):
+        dataclasses.replace(TINY, aug_views=2)  # a fine-tune augments on the fly

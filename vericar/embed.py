@@ -116,6 +116,13 @@ def augment(batch: torch.Tensor, generator: torch.Generator | None = None, *, sc
     return out.clamp_(0, 1)
 
 
+def augment_normalized(x: torch.Tensor, spec: BackboneSpec, generator: torch.Generator) -> torch.Tensor:
+    """:func:`augment` on backbone-normalised images: undo the normalisation, augment, normalise again."""
+    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
+    return normalize_float(augment((x * std + mean).clamp(0, 1), generator), spec)
+
+
 @torch.no_grad()
 def embed_batches(fn, images: torch.Tensor, spec: BackboneSpec, *, batch_size: int = 128,
                   device: torch.device | str = "cpu", amp: bool = True, progress: bool = True,
@@ -146,41 +153,49 @@ def dataset_fingerprint(cars: CarsDataset) -> str:
 
 
 def cached_features(cars: CarsDataset, module, spec: BackboneSpec, image_size: int, cache_dir, *,
-                    tag: str = "pooled", flips: tuple[bool, ...] = (False,), device="cpu", batch_size: int = 128,
-                    progress: bool = True) -> list[np.ndarray]:
-    """``module``'s output for every image of ``cars`` (N, ...) float32, computed once and cached on disk.
+                    tag: str = "pooled", flips: tuple[bool, ...] = (False,), augment_views: int = 0,
+                    device="cpu", batch_size: int = 128, progress: bool = True) -> list[np.ndarray]:
+    """``module``'s output for every image of ``cars`` (N, ...) float16, computed once and cached on disk.
 
     ``module`` is a frozen pretrained backbone or its trunk (:func:`vericar.models.split_backbone`); ``tag``
-    names which. One array is returned per entry of ``flips`` (``True``: features of the mirrored images).
-    Each is cached under the dataset fingerprint, backbone, tag, input size and flip; the images are
-    decoded at most once per call, however many arrays are missing. Stored in float16; the first call
-    returns exactly what later calls load. Notebooks and head-only / partial trainings share the cache.
+    names which. One array is returned per entry of ``flips`` (``True``: features of the mirrored images),
+    then one per augmented view (``augment_views``: random resized crop, flip and colour jitter of
+    :func:`augment`, view ``v`` drawn from seed ``v``, so that every run sees the same views). This is how the
+    cached training modes get augmentation: each epoch draws one view per image. Each array is cached under
+    the dataset fingerprint, backbone, tag, input size and view; the images are decoded at most once per
+    call, however many arrays are missing. Stored and returned in float16 (half the memory; training casts
+    each batch). Notebooks and head-only / partial trainings share the cache.
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = dataset_fingerprint(cars)
-    paths = {flip: cache_dir / f"features-{spec.name}-{tag}-{image_size}px-{'flip' if flip else 'plain'}-"
-                               f"{fingerprint}.npy" for flip in flips}
+    views = [("flip" if flip else "plain", flip, None) for flip in flips]
+    views += [(f"aug{v}", False, v) for v in range(augment_views)]
     images = None
     out = []
-    for flip in flips:
-        path = paths[flip]
+    for name, flip, aug_seed in views:
+        path = cache_dir / f"features-{spec.name}-{tag}-{image_size}px-{name}-{fingerprint}.npy"
         if path.is_file():
-            out.append(np.load(path).astype(np.float32))
+            out.append(np.load(path))
             continue
         if images is None:
             images = decode_images(cars, np.arange(len(cars)), image_size, spec.interpolation, progress=progress)
             module = module.to(device).eval().to(memory_format=torch.channels_last)
-        feats = embed_batches(module, images.flip(-1) if flip else images, spec, batch_size=batch_size,
+        fn = module
+        if aug_seed is not None:
+            gen = torch.Generator().manual_seed(10_000 + aug_seed)
+            fn = lambda x, gen=gen: module(augment_normalized(x, spec, gen).contiguous(  # noqa: E731
+                memory_format=torch.channels_last))
+        feats = embed_batches(fn, images.flip(-1) if flip else images, spec, batch_size=batch_size,
                               device=device, progress=progress,
-                              desc=f"{spec.name} {tag}{' (mirrored)' if flip else ''}").astype(np.float16)
+                              desc=f"{spec.name} {tag} ({name})").astype(np.float16)
         tmp = path.with_suffix(".tmp.npy")
         np.save(tmp, feats)
         tmp.replace(path)  # atomic: an interrupted run never leaves a half-written cache
         path.with_suffix(".json").write_text(json.dumps(
             {"dataset": cars.name, "root": str(cars.root), "images": len(cars), "backbone": spec.name, "tag": tag,
-             "image_size": image_size, "flip": flip, "shape": list(feats.shape)}, indent=1))
-        out.append(feats.astype(np.float32))
+             "image_size": image_size, "view": name, "shape": list(feats.shape)}, indent=1))
+        out.append(feats)
     return out
 
 

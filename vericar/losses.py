@@ -100,6 +100,8 @@ __all__ = [
     "HierarchicalLossWrapper",
     "HierarchicalMSLoss",
     "MSLoss",
+    "PROXY_LOSSES",
+    "ProxyLoss",
     "SeedHierarchicalLoss",
     "accumulate",
     "gradient_report",
@@ -148,6 +150,75 @@ class MSLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, beta={self.beta}, base={self.base}, epsilon={self.epsilon}, "
                 f"mine={self.mine}")
+
+
+class ProxyLoss(nn.Module):
+    """A pytorch-metric-learning proxy / classification loss with one learned vector per training class.
+
+    ``kind``: ``"proxy_anchor"`` (Kim et al. 2020, pml defaults margin 0.1, alpha 32), ``"norm_softmax"``
+    (Zhai & Wu 2019, temperature 0.05) or ``"arcface"`` (Deng et al. 2019, pml defaults margin 28.6 degrees,
+    scale 64). The proxies are parameters of this module: they need their own optimizer group at a much larger
+    learning rate than the network (``TrainConfig.proxy_lr``; the Proxy-Anchor paper uses 100x), and they are
+    saved with the run so that the class scores (:meth:`logits`) can serve as open-set scores (MSP, max logit,
+    energy). ``classes`` are the label values trained on; labels are mapped to proxy rows internally.
+    """
+
+    needs_level_labels = False
+
+    def __init__(self, kind: str, classes: Sequence[int], embedding_size: int, **kw):
+        super().__init__()
+        if kind not in PROXY_LOSSES:
+            raise ValueError(f"unknown proxy loss {kind!r}; choose one of {sorted(PROXY_LOSSES)}")
+        classes = np.asarray(classes, dtype=np.int64)
+        if len(classes) < 2 or len(np.unique(classes)) != len(classes):
+            raise ValueError(f"a proxy loss needs at least 2 distinct training classes, got {len(classes)}")
+        self.kind = kind
+        self.register_buffer("classes", torch.from_numpy(classes))
+        self.loss_fn = PROXY_LOSSES[kind](num_classes=len(classes), embedding_size=embedding_size, **kw)
+
+    def _rows(self, labels: torch.Tensor) -> torch.Tensor:
+        rows = torch.searchsorted(self.classes, labels)
+        bad = (rows >= len(self.classes)) | (self.classes[rows.clamp(max=len(self.classes) - 1)] != labels)
+        if bad.any():
+            raise ValueError(f"labels {labels[bad][:5].tolist()} are not among the proxy loss's training classes")
+        return rows
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None,
+                level_labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            raise ValueError(f"{self.kind} needs labels (N,)")
+        labels = torch.as_tensor(labels, device=embeddings.device)
+        return self.loss_fn(embeddings, self._rows(labels))
+
+    def proxies(self) -> torch.Tensor:
+        """The class vectors, L2-normalised, one row per entry of ``classes``."""
+        w = self.loss_fn.proxies if hasattr(self.loss_fn, "proxies") else self.loss_fn.W.t()
+        return F.normalize(w.detach().float(), dim=-1)
+
+    @property
+    def scale(self) -> float:
+        """The factor the loss multiplies cosine similarities by (its softmax temperature's inverse)."""
+        if self.kind == "proxy_anchor":
+            return float(self.loss_fn.alpha)
+        if self.kind == "norm_softmax":
+            return 1.0 / self.loss_fn.temperature
+        return float(self.loss_fn.scale)
+
+    @torch.no_grad()
+    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of each embedding to each class proxy ``(N, classes)``, times :attr:`scale`."""
+        return self.scale * F.normalize(embeddings.float(), dim=-1) @ self.proxies().to(embeddings.device).t()
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, classes={len(self.classes)}"
+
+
+#: Proxy loss name -> pml class. Built by :func:`make_loss` with ``classes`` and ``embedding_size``.
+PROXY_LOSSES: dict[str, Callable[..., nn.Module]] = {
+    "proxy_anchor": pml_losses.ProxyAnchorLoss,
+    "norm_softmax": pml_losses.NormalizedSoftmaxLoss,
+    "arcface": pml_losses.ArcFaceLoss,
+}
 
 
 # ==================================================================================================
@@ -625,7 +696,7 @@ LOSSES: dict[str, Callable[..., nn.Module]] = {
 
 def loss_names() -> list[str]:
     """All registered loss names."""
-    return list(LOSSES)
+    return list(LOSSES) + list(PROXY_LOSSES)
 
 
 def make_loss(name: str = "ms", *, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5,
@@ -641,6 +712,8 @@ def make_loss(name: str = "ms", *, alpha: float = 2.0, beta: float = 50.0, base:
     * ``"hims_min"``, ``"hims_max"``, ``"hims_none"``: :class:`HierarchicalMSLoss` with constraint
       min / max / none (plain weighted mean); need ``level_labels``.
     * ``"seed_hier_clamp"``: :class:`SeedHierarchicalLoss`; needs ``level_labels``.
+    * ``"proxy_anchor"``, ``"norm_softmax"``, ``"arcface"``: :class:`ProxyLoss` (pml); need ``classes`` and
+      ``embedding_size`` keywords; the MS parameters do not apply.
 
     Parameters (see the module docstring): ``alpha`` positive-pair scale, ``beta`` negative-pair scale,
     ``base`` the similarity threshold lambda, ``epsilon`` the MS miner's margin.  Defaults 2, 50, 0.5,
@@ -650,8 +723,12 @@ def make_loss(name: str = "ms", *, alpha: float = 2.0, beta: float = 50.0, base:
     Raises:
         ValueError: unknown name (the message lists the known ones).
     """
+    if name in PROXY_LOSSES:
+        if "classes" not in kw or "embedding_size" not in kw:
+            raise ValueError(f"{name} is a proxy loss: pass classes=<training class labels> and embedding_size")
+        return ProxyLoss(name, **kw)
     if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(LOSSES)}")
+        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(loss_names())}")
     return LOSSES[name](alpha, beta, base, epsilon, **kw)
 
 

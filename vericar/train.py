@@ -47,10 +47,10 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .data import CarsDataset, Split, make_split, open_dataset
-from .embed import (augment, cached_features, decode_images, embed_batches, l2_normalize, normalize_float,
-                    resolve_device)
+from .embed import (augment, augment_normalized, cached_features, decode_images, embed_batches, l2_normalize,
+                    normalize_float, resolve_device)
 from .evaluation import evaluate_embeddings
-from .losses import level_label_matrix, make_loss
+from .losses import PROXY_LOSSES, level_label_matrix, make_loss
 from .models import build_model, flip_average, split_backbone
 
 SAMPLERS = ("m_per_class", "shuffle")
@@ -80,24 +80,31 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     loss: str = "ms"
     loss_kwargs: dict = field(default_factory=dict)
+    proxy_lr: float = 1e-2  # the class proxies of a proxy loss (proxy_anchor, norm_softmax, arcface)
     augment: bool = True
+    aug_views: int = 0  # cached modes: extra randomly augmented views of every image cached besides its mirror
     eval_augment: bool = False  # the seed's bug, reproduced on purpose: evaluate with train-time augmentation
     eval_every: int = 1
     eval_k: int = 1
     flip_tta: bool = False  # evaluate (and later embed) each image as the mean of it and its mirror image
     amp: bool = True
+    cpu_bf16: bool = False  # bf16 autocast for the training forward on the CPU too (CUDA uses it when amp)
     seed: int = 0
     device: str = "auto"
     # split protocol parameters
     val_fraction: float = 0.2
     holdout: str = "model"
     holdout_fraction: float = 0.2
+    ssb_file: str = ""  # protocol "ssb": the SSB class split; "" looks beside the dataset (splits.SSB_DEFAULT)
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}")
         if self.sampler == "m_per_class" and self.batch_size % self.m_per_class:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of m_per_class ({self.m_per_class})")
+        if self.aug_views < 0 or (self.aug_views and self.train_backbone):
+            raise ValueError(f"aug_views={self.aug_views}: cached augmented views are for train_backbone=False "
+                             "(a fine-tune augments every batch on the fly); use 0 or more with cached modes")
 
     def describe(self) -> str:
         """The training mode in words, for tables and results files."""
@@ -108,6 +115,8 @@ class TrainConfig:
             mode = f"last {k} backbone stage{'s' if k > 1 else ''} + head on cached trunk"
         else:
             mode = "head only on frozen, cached backbone features"
+        if self.aug_views:
+            mode += f", {self.aug_views} augmented views"
         return mode + (", flip TTA" if self.flip_tta else "")
 
     def to_json(self) -> dict[str, Any]:
@@ -155,7 +164,8 @@ def seed_everything(seed: int) -> None:
 
 def split_for(cars: CarsDataset, config: TrainConfig) -> Split:
     return make_split(cars, config.protocol, seed=config.seed, val_fraction=config.val_fraction,
-                      holdout=config.holdout, holdout_fraction=config.holdout_fraction)
+                      holdout=config.holdout, holdout_fraction=config.holdout_fraction,
+                      ssb_file=config.ssb_file or None)
 
 
 def _lr_lambda(total_steps: int, warmup_steps: int):
@@ -231,7 +241,10 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
     y_train = labels_all[split.train] if train_labels is None else np.asarray(train_labels, dtype=np.int64)
     if len(y_train) != len(split.train):
         raise ValueError(f"train_labels has {len(y_train)} entries for {len(split.train)} training images")
-    loss_fn = distributed.wrap_loss(make_loss(config.loss, **config.loss_kwargs))
+    proxy_loss = config.loss in PROXY_LOSSES
+    loss_kwargs = ({"classes": np.unique(y_train), "embedding_size": config.embedding_dim, **config.loss_kwargs}
+                   if proxy_loss else config.loss_kwargs)
+    loss_fn = distributed.wrap_loss(make_loss(config.loss, **loss_kwargs)).to(device)
     level_labels = (torch.from_numpy(level_label_matrix(y_train, cars.hierarchy))
                     if getattr(loss_fn, "needs_level_labels", False) else None)
 
@@ -263,14 +276,19 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
         mirrored = config.augment or config.flip_tta  # mirrored images' features: augmentation and/or TTA
         with distributed.main_first():  # rank 0 writes the feature cache, the others then read it
             features = cached_features(cars, trunk, spec, config.image_size, cache_dir,
-                                       flips=(False, True) if mirrored else (False,), **kw)
+                                       flips=(False, True) if mirrored else (False,),
+                                       augment_views=config.aug_views if config.augment else 0, **kw)
             cached, flipped = features[0], (features[1] if mirrored else None)
+            extra_views = features[2 if mirrored else 1:]
         images = None
         model = model.to(device).eval()
         if config.trainable_stages == 0 and cache_stages > 0:  # head only: pool through the frozen tail once
             cached = _apply_cached(tail, device, cached)
             flipped = _apply_cached(tail, device, flipped) if flipped is not None else None
+            extra_views = [_apply_cached(tail, device, v) for v in extra_views]
             tail = torch.nn.Identity()
+        # what a training step draws from, per image: plain, mirrored (augment) and the augmented views
+        train_views = [cached] + ([flipped] if flipped is not None and config.augment else []) + extra_views
         for p in tail.parameters():
             p.requires_grad_(True)
         frozen = (l2_normalize(_apply_cached(lambda *x: _tta(tail, config, *x), device, cached, flipped))
@@ -283,7 +301,7 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
             return _apply_cached(lambda *x: _tta(lambda v: model.head(tail(v)), config, *x), device, cached, flipped)
         if config.eval_augment:
             gen = torch.Generator().manual_seed(config.seed + 99)
-            return embed_batches(lambda x: model(_augment_normalized(x, spec, gen)), images, spec,
+            return embed_batches(lambda x: model(augment_normalized(x, spec, gen)), images, spec,
                                  device=device, amp=config.amp, progress=False, desc="embedding")
         return embed_batches(model, images, spec, device=device, amp=config.amp, progress=False, desc="embedding")
 
@@ -292,6 +310,9 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
 
     frozen_metrics = evaluate(frozen) if ddp.is_main else {}
     params = model.param_groups(config.backbone_lr, config.head_lr, config.weight_decay)
+    if proxy_loss:
+        params.append({"name": "proxies", "params": list(loss_fn.parameters()), "lr": config.proxy_lr,
+                       "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(params)
     steps_per_epoch = len(_batches(y_train, config, 0))
     total = steps_per_epoch * config.epochs
@@ -305,6 +326,8 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         if _same_model(ckpt.get("config") or {}, config_json) and ckpt.get("epoch", 0) < config.epochs:
             _load_weights(model, ckpt["model"])
+            if proxy_loss:
+                loss_fn.load_state_dict(ckpt["loss"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             history, start_epoch = ckpt["history"], ckpt["epoch"]
@@ -332,17 +355,16 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
             mine = distributed.rank_slice(len(rows))  # this rank's share of the global batch (all of it alone)
             y = y_train_t[pos][mine].to(device)
             if cached is not None:
-                x = torch.from_numpy(cached[rows.numpy()])
-                if flipped is not None:
-                    use_flip = (torch.rand(len(rows), generator=gen) < 0.5).view(-1, *[1] * (x.ndim - 1))
-                    x = torch.where(use_flip, torch.from_numpy(flipped[rows.numpy()]), x)
-                emb = forward(x[mine].to(device))
+                x = _draw_views(train_views, rows.numpy(), gen)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=_autocast(config, device)):
+                    emb = forward(x[mine].to(device))
+                emb = emb.float()
             else:
                 xb = images[rows].to(device, non_blocking=True).float().div_(255)
                 if config.augment:
                     xb = augment(xb, gen)
                 xb = normalize_float(xb[mine], spec).contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and config.amp):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=_autocast(config, device)):
                     emb = forward(xb)
                 emb = emb.float()
             level = level_labels[pos][mine].to(device) if level_labels is not None else None
@@ -370,7 +392,8 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
             continue  # rank 0 alone checkpoints and calls back
         torch.save({"model": _model_state(model), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
-                    "config": config_json, "model_config": model.config}, ckpt_path)
+                    "config": config_json, "model_config": model.config,
+                    **({"loss": loss_fn.state_dict()} if proxy_loss else {})}, ckpt_path)
         if callback is not None:
             callback(epoch + 1, record)
 
@@ -379,15 +402,38 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
         return load_run(run_dir, cars)
     trained = embed_all()
     final = evaluate(trained)
+    import resource  # ru_maxrss is in KiB on Linux: the process's peak resident memory so far
     metrics = {"frozen": frozen_metrics, "trained": final, "train_seconds": train_seconds,
+               "peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                "images_per_second": images_seen / max(train_seconds, 1e-9), "device": _device_name(device),
                "steps_per_epoch": steps_per_epoch, "train_images": len(split.train)}
     pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
     np.savez_compressed(run_dir / "embeddings.npz", trained=trained.astype(np.float16),
                         frozen=frozen.astype(np.float16), labels=labels_all, **_split_arrays(split))
+    if proxy_loss:  # the class vectors: class scores (MSP, max logit, energy) for open-set recognition
+        np.savez(run_dir / "proxies.npz", classes=loss_fn.classes.cpu().numpy(),
+                 proxies=loss_fn.proxies().cpu().numpy(), scale=loss_fn.scale, kind=config.loss)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     distributed.barrier()
     return load_run(run_dir, cars)
+
+
+def _autocast(config: TrainConfig, device: torch.device) -> bool:
+    """bf16 autocast for the training forward: on CUDA with ``amp``, on the CPU with ``cpu_bf16``."""
+    return config.amp if device.type == "cuda" else config.cpu_bf16
+
+
+def _draw_views(views: list[np.ndarray], rows: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+    """One cached view per image of a batch, drawn uniformly from ``views`` (float32 tensor)."""
+    if len(views) == 1:
+        return torch.from_numpy(views[0][rows]).float()
+    pick = torch.randint(len(views), (len(rows),), generator=gen).numpy()
+    out = np.empty((len(rows), *views[0].shape[1:]), dtype=np.float32)
+    for v, arr in enumerate(views):
+        sel = pick == v
+        if sel.any():
+            out[sel] = arr[rows[sel]]
+    return torch.from_numpy(out)
 
 
 def _default_cache_stages(backbone) -> int:
@@ -406,7 +452,7 @@ def _apply_cached(fn, device, *arrays: np.ndarray | None, batch_size: int = 1024
     ``None`` arrays are passed on as ``None``.
     """
     n = len(arrays[0])
-    out = [fn(*(torch.from_numpy(a[i:i + batch_size]).to(device) if a is not None else None for a in arrays))
+    out = [fn(*(torch.from_numpy(a[i:i + batch_size]).to(device).float() if a is not None else None for a in arrays))
            .float().cpu() for i in range(0, n, batch_size)]
     return torch.cat(out).numpy()
 
@@ -416,13 +462,6 @@ def _tta(fn, config: TrainConfig, x: torch.Tensor, mirrored: torch.Tensor | None
     if config.flip_tta:
         return flip_average(fn, x, mirrored)
     return F.normalize(fn(x), dim=-1)
-
-
-def _augment_normalized(x: torch.Tensor, spec, gen: torch.Generator) -> torch.Tensor:
-    """Undo normalisation, augment, normalise again (used only to reproduce eval-with-augmentation)."""
-    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
-    return normalize_float(augment((x * std + mean).clamp(0, 1), gen), spec)
 
 
 def _model_state(model) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ retrieves itself.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,8 +32,17 @@ PROTOCOLS = {
                  "Cars), evaluate on the other half, all its images, leave-one-out (Recall@1, MAP@R)",
     "open-world": "some car models held out of training and of the database (they are the OOD set); known "
                   "classes: official train = train and database, official test = queries",
+    "ssb": "the Semantic Shift Benchmark's open-set split (Vaze et al., ICLR 2022): train on the official train "
+           "images of its 98 known classes; known test images are the queries, the test images of the 98 unseen "
+           "classes (Easy 76, Medium 15, Hard 7) the open set",
+    "val": "recipe selection without the test set: official train images only, split per class (a share "
+           "val_fraction of each class, drawn apart from the seed protocol's) into train = database and "
+           "validation queries; no official test image is used",
 }
 HOLDOUT_UNITS = ("model", "year", "make")
+SSB_DIFFICULTIES = ("easy", "medium", "hard")
+#: where the SSB class split is looked for when none is given: beside the dataset's folder
+SSB_DEFAULT = Path("..") / "ssb_stanford_cars" / "splits.csv"
 
 
 @dataclass
@@ -57,29 +67,32 @@ class Split:
 
 
 def make_split(cars: CarsDataset, protocol: str, *, seed: int = 0, val_fraction: float = 0.2,
-               holdout: str = "model", holdout_fraction: float = 0.2) -> Split:
+               holdout: str = "model", holdout_fraction: float = 0.2, ssb_file: str | Path | None = None) -> Split:
     """Build the named protocol's split of ``cars``, deterministically from ``seed``.
 
     ``val_fraction`` is the query share per class for ``seed``; ``holdout`` (``model``: every year of some
     models; ``year``: one year of models that have several, the hardest case; ``make``: whole makes, the
     easiest) and ``holdout_fraction`` (share of classes held out, approximately) configure ``open-world``.
+    ``ssb_file`` is the SSB class split for ``ssb`` (default: :data:`SSB_DEFAULT` from the dataset's root).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {sorted(PROTOCOLS)}")
     t = cars.table
     rows = np.arange(len(t))
     is_train = (t["split"] == "train").to_numpy()
-    if protocol == "seed":
+    if protocol in ("seed", "val"):
         train_rows = rows[is_train]
         if len(train_rows) == 0:
-            raise DataError("protocol 'seed' needs official train images; this dataset has none")
-        rng = np.random.default_rng(seed)
+            raise DataError(f"protocol {protocol!r} needs official train images; this dataset has none")
+        # 'val' draws its queries from another random stream than 'seed', so that choosing a recipe on it does
+        # not select on the seed protocol's queries more than chance overlap does
+        rng = np.random.default_rng(seed if protocol == "seed" else [seed, 7_777])
         database, query = [], []
         for class_id, group in t.iloc[train_rows].groupby("class_id", sort=True):
             members = group.index.to_numpy()
             if len(members) < 2:
-                raise DataError(f"class {class_id} has {len(members)} train image(s); protocol 'seed' needs at "
-                                "least 2 per class to split 80/20")
+                raise DataError(f"class {class_id} has {len(members)} train image(s); protocol {protocol!r} needs "
+                                "at least 2 per class to split 80/20")
             members = rng.permutation(members)
             n_query = min(len(members) - 1, max(1, int(round(val_fraction * len(members)))))
             query.append(members[:n_query])
@@ -97,13 +110,51 @@ def make_split(cars: CarsDataset, protocol: str, *, seed: int = 0, val_fraction:
         return Split(protocol, train=rows[seen], database=unseen, query=unseen,
                      heldout_class_ids=np.arange(half + 1, cars.num_classes + 1), description=PROTOCOLS[protocol])
     _require_both_splits(t)
-    heldout = heldout_classes(cars, holdout, holdout_fraction, seed)
+    if protocol == "ssb":
+        ssb = ssb_class_split(cars, ssb_file)
+        heldout = ssb.loc[ssb["ssb_split"] != "known", "class_id"].to_numpy()
+        description = PROTOCOLS[protocol]
+    else:
+        heldout = heldout_classes(cars, holdout, holdout_fraction, seed)
+        description = f"{PROTOCOLS[protocol]}; held out by {holdout}, about {holdout_fraction:.0%} of classes"
     is_known = ~t["class_id"].isin(heldout).to_numpy()
     return Split(protocol,
                  train=rows[is_train & is_known], database=rows[is_train & is_known],
                  query=rows[~is_train & is_known], ood_query=rows[~is_train & ~is_known],
                  ood_database=rows[is_train & ~is_known], heldout_class_ids=np.asarray(heldout, dtype=np.int64),
-                 description=f"{PROTOCOLS[protocol]}; held out by {holdout}, about {holdout_fraction:.0%} of classes")
+                 description=description)
+
+
+def ssb_class_split(cars: CarsDataset, path: str | Path | None = None) -> pd.DataFrame:
+    """The SSB class split (``class_id, class_name, ssb_split``: known / easy / medium / hard) for ``cars``.
+
+    ``path`` defaults to :data:`SSB_DEFAULT` relative to the dataset's root. Every class id must name the same
+    class in both files: this catches a split shifted by one (a known bug of a public loader, whose indices are
+    0-based) or a split meant for another dataset.
+    """
+    path = Path(path) if path else Path(cars.root) / SSB_DEFAULT
+    if not path.is_file():
+        raise DataError(f"no SSB class split at {path}; protocol 'ssb' needs the Semantic Shift Benchmark's "
+                        "splits.csv (class_id, class_name, ssb_split) for Stanford Cars: pass ssb_file=<path> "
+                        "(on our machines: ../shared/data/ssb_stanford_cars/splits.csv)")
+    table = pd.read_csv(path)
+    missing = {"class_id", "class_name", "ssb_split"} - set(table.columns)
+    if missing:
+        raise DataError(f"{path} lacks the columns {sorted(missing)}")
+    bad = sorted(set(table["ssb_split"]) - {"known", *SSB_DIFFICULTIES})
+    if bad:
+        raise DataError(f"{path}: unknown ssb_split values {bad}; expected known, easy, medium or hard")
+    ours = pd.Series(cars.class_names, index=range(1, cars.num_classes + 1))
+    if len(table) != cars.num_classes or set(table["class_id"]) != set(ours.index):
+        raise DataError(f"{path} lists {len(table)} classes, this dataset has {cars.num_classes}: it is not the "
+                        "SSB split of this dataset")
+    theirs = table.set_index("class_id")["class_name"].reindex(ours.index)
+    wrong = ours.index[ours.str.lower() != theirs.str.lower()]
+    if len(wrong):
+        i = wrong[0]
+        raise DataError(f"{path} names class {i} {theirs[i]!r}, this dataset {ours[i]!r} ({len(wrong)} classes "
+                        "differ): the split's ids are shifted or belong to another class list")
+    return table.sort_values("class_id").reset_index(drop=True)
 
 
 def heldout_classes(cars: CarsDataset, unit: str, fraction: float, seed: int) -> np.ndarray:

@@ -1,0 +1,136 @@
+"""The training-recipe search on a validation split carved from the official training images (protocol ``val``).
+
+    python scripts/recipe_search.py ms-k2 pa-k2 ...        # run the named recipes in order (resumable)
+    python scripts/recipe_search.py --table                 # only rebuild results/recipe_search.{csv,md}
+
+Each recipe is a set of ``python -m vericar.train`` flags on top of :data:`BASE`; each run is a resumable run
+folder under ``--runs`` (default ``~/.cache/vericar/search``, outside the work tree, so a run cut off by a
+session's end resumes in the next one). No official test image is read: protocol ``val`` trains on 80% of
+each class's training images and queries the other 20%. The table has one row per finished run, read from
+its run folder (config.json, metrics.json); test-set numbers exist only for the chosen recipe (notebook 03).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {"dataset": "stanford_cars", "data-dir": str(ROOT.parent / "shared/data/stanford_cars_small"),
+        "protocol": "val", "image-size": 160, "train-backbone": False, "trainable-stages": 2,
+        "backbone-lr": 1e-3, "head-lr": 1e-3, "flip-tta": True, "epochs": 10, "eval-every": 5,
+        "batch-size": 128, "m-per-class": 4, "device": "cpu"}
+
+RECIPES: dict[str, dict] = {
+    # loss, at the depth the issue measured best per hour (last 2 stages on the cached trunk)
+    "ms-k2": {"loss": "ms"},
+    "pa-k2": {"loss": "proxy_anchor", "proxy-lr": 1e-2},
+    "nsm-k2": {"loss": "norm_softmax", "proxy-lr": 1e-2},
+    "arc-k2": {"loss": "arcface", "proxy-lr": 1e-2},
+    "pa-k2-plr1e-1": {"loss": "proxy_anchor", "proxy-lr": 1e-1},
+    "nsm-k2-plr1e-1": {"loss": "norm_softmax", "proxy-lr": 1e-1},
+    # augmentation carried by the cache
+    "ms-k2-aug4": {"loss": "ms", "aug-views": 4},
+    "pa-k2-aug4": {"loss": "proxy_anchor", "proxy-lr": 1e-2, "aug-views": 4},
+    "nsm-k2-aug4": {"loss": "norm_softmax", "proxy-lr": 1e-2, "aug-views": 4},
+    # depth
+    "ms-k1": {"loss": "ms", "trainable-stages": 1},
+    "ms-k3": {"loss": "ms", "trainable-stages": 3},
+    "pa-k3": {"loss": "proxy_anchor", "proxy-lr": 1e-2, "trainable-stages": 3},
+    "nsm-k3": {"loss": "norm_softmax", "proxy-lr": 1e-2, "trainable-stages": 3},
+    # precision, length
+    "ms-k2-bf16": {"loss": "ms", "cpu-bf16": True},
+    "ms-k2-e20": {"loss": "ms", "epochs": 20},
+    # input size and backbone
+    "ms-k2-128px": {"loss": "ms", "image-size": 128},
+    "ms-k2-192px": {"loss": "ms", "image-size": 192},
+    "ms-k2-lite2": {"loss": "ms", "backbone": "efficientnet_lite2"},
+}
+
+
+def flags(recipe: dict) -> list[str]:
+    out = []
+    for key, value in {**BASE, **recipe}.items():
+        out += [f"--{key}", str(value)]
+    return out
+
+
+def run(name: str, runs: Path, log) -> None:
+    run_dir = runs / name
+    if (run_dir / "metrics.json").is_file():
+        print(f"{name}: finished already", file=log, flush=True)
+        return
+    cmd = [sys.executable, "-m", "vericar.train", *flags(RECIPES[name]), "--run-dir", str(run_dir)]
+    print(f"{time.strftime('%H:%M:%S')} {name}: {' '.join(cmd)}", file=log, flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    load = os.getloadavg()[0]
+    (run_dir / "search.json").write_text(json.dumps({"recipe": name, "wall_seconds": time.time() - t0,
+                                                     "load_at_end": load}, indent=1))
+    print(f"{time.strftime('%H:%M:%S')} {name}: done in {time.time() - t0:.0f} s", file=log, flush=True)
+
+
+def table(runs: Path) -> pd.DataFrame:
+    rows = []
+    for name in RECIPES:
+        d = runs / name
+        if not (d / "metrics.json").is_file():
+            continue
+        cfg, m = json.loads((d / "config.json").read_text()), json.loads((d / "metrics.json").read_text())
+        extra = json.loads((d / "search.json").read_text()) if (d / "search.json").is_file() else {}
+        hist = pd.read_csv(d / "history.csv")
+        curve = " / ".join(f"{p:.3f}" for p in hist["precision_at_1"].dropna())
+        mode = ("full fine-tune" if cfg["train_backbone"] else
+                f"last {cfg['trainable_stages']} stages, cached trunk" if cfg["trainable_stages"] else "head only")
+        views = "plain+mirror" + (f"+{cfg.get('aug_views', 0)} aug" if cfg.get("aug_views") else "")
+        rows.append({"recipe": name, "mode": mode, "trainable_stages": cfg["trainable_stages"], "views": views,
+                     "loss": cfg["loss"] + (f" (proxy lr {cfg['proxy_lr']:g})" if cfg["loss"] in
+                                            ("proxy_anchor", "norm_softmax", "arcface") else ""),
+                     "backbone": cfg["backbone"], "input_px": cfg["image_size"], "epochs": cfg["epochs"],
+                     "precision": "bf16 autocast" if cfg.get("cpu_bf16") else "fp32",
+                     "train_seconds": round(m["train_seconds"]), "images_per_second": round(m["images_per_second"]),
+                     "peak_memory_gib": round(m.get("peak_memory_gib", float("nan")), 2),
+                     "val_precision_at_1": round(m["trained"]["precision_at_1"], 4),
+                     "val_map_at_r": round(m["trained"]["map_at_r"], 4),
+                     "val_p1_curve (every 5 epochs)": curve,
+                     "load_at_end": round(extra.get("load_at_end", float("nan")), 1)})
+    return pd.DataFrame(rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipes", nargs="*", choices=[[], *RECIPES], metavar="RECIPE")
+    parser.add_argument("--runs", type=Path, default=Path.home() / ".cache/vericar/search")
+    parser.add_argument("--log", type=Path, default=None)
+    parser.add_argument("--table", action="store_true", help="only rebuild the table")
+    args = parser.parse_args(argv)
+    log = open(args.log, "a") if args.log else sys.stdout
+    for name in args.recipes:
+        if not args.table:
+            run(name, args.runs, log)
+        write(args.runs)
+    write(args.runs)
+    return 0
+
+
+def write(runs: Path) -> None:
+    t = table(runs)
+    if t.empty:
+        return
+    t.to_csv(ROOT / "results/recipe_search.csv", index=False)
+    header = ("Recipe search (protocol `val`: 80/20 per class of the official training images of "
+              "stanford_cars_small, bbox crops 128 px; CPU, 2 cores; `python scripts/recipe_search.py`). "
+              "Validation numbers only; `load_at_end` is the 1-min load average when the run ended (other "
+              "work on the machine slows the wall times).\n\n")
+    (ROOT / "results/recipe_search.md").write_text(header + t.to_markdown(index=False) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
