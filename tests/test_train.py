@@ -212,3 +212,14 @@ def test_augmented_views_are_cached_once_and_drawn_in_training(synthcars_tiny, t
     assert "2 augmented views" in views.config.describe()
     with pytest.raises(ValueError, match="aug_views"):
         dataclasses.replace(TINY, aug_views=2)  # a fine-tune augments on the fly
+
+
+def test_save_pooled_keeps_the_trained_backbones_features(synthcars_tiny, tmp_path):
+    config = dataclasses.replace(TINY, train_backbone=False, trainable_stages=1, epochs=2, save_pooled=True)
+    run = train(synthcars_tiny, config, tmp_path / "run", progress=False, cache_dir=tmp_path / "cache")
+    assert run.pooled.shape == run.frozen.shape
+    np.testing.assert_allclose(np.linalg.norm(run.pooled, axis=1), 1, atol=1e-2)
+    assert not np.allclose(run.pooled, run.frozen, atol=1e-2)  # the last stage trained: its features moved
+    # save_pooled does not change the model: a run without it is reused, not retrained
+    again = train(synthcars_tiny, dataclasses.replace(config, save_pooled=False), tmp_path / "run", progress=False)
+    np.testing.assert_array_equal(again.embeddings, run.embeddings)

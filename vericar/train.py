@@ -85,6 +85,7 @@ class TrainConfig:
     aug_views: int = 0  # cached modes: extra randomly augmented views of every image cached besides its mirror
     eval_augment: bool = False  # the seed's bug, reproduced on purpose: evaluate with train-time augmentation
     eval_every: int = 1
+    save_pooled: bool = False  # also save the trained backbone's pooled features (KNN+ on them, notebook 06)
     eval_k: int = 1
     flip_tta: bool = False  # evaluate (and later embed) each image as the mean of it and its mirror image
     amp: bool = True
@@ -139,6 +140,7 @@ class TrainedRun:
     frozen_features: np.ndarray | None  # frozen-backbone features (L2-normalised); None in an exported run
     metrics: dict[str, Any]
     split: Split
+    pooled: np.ndarray | None = None    # the trained backbone's pooled features (config.save_pooled), else None
 
     @property
     def frozen(self) -> np.ndarray:
@@ -258,9 +260,12 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
                                progress=progress)
         model = model.to(device).to(memory_format=torch.channels_last).eval()
         features = (lambda x: flip_average(model.features, x)) if config.flip_tta else model.features
-        frozen = (l2_normalize(embed_batches(features, images, spec, device=device, amp=config.amp,
-                                             progress=progress, desc="frozen features"))
-                  if ddp.is_main else None)
+        def pooled_features() -> np.ndarray:
+            """The backbone's pooled features of every image (flip-averaged with TTA), L2-normalised."""
+            return l2_normalize(embed_batches(features, images, spec, device=device, amp=config.amp,
+                                              progress=progress, desc="pooled features"))
+
+        frozen = pooled_features() if ddp.is_main else None
         cached = flipped = None
     else:
         # Cache the trunk before the last stage even for head-only runs: head-only then applies the frozen
@@ -291,8 +296,11 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
         train_views = [cached] + ([flipped] if flipped is not None and config.augment else []) + extra_views
         for p in tail.parameters():
             p.requires_grad_(True)
-        frozen = (l2_normalize(_apply_cached(lambda *x: _tta(tail, config, *x), device, cached, flipped))
-                  if ddp.is_main else None)
+        def pooled_features() -> np.ndarray:
+            """The backbone's pooled features of every image (flip-averaged with TTA), L2-normalised."""
+            return l2_normalize(_apply_cached(lambda *x: _tta(tail, config, *x), device, cached, flipped))
+
+        frozen = pooled_features() if ddp.is_main else None
 
     def embed_all() -> np.ndarray:
         """Embeddings of every image in eval mode (with train-time augmentation only if eval_augment)."""
@@ -408,8 +416,10 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
                "images_per_second": images_seen / max(train_seconds, 1e-9), "device": _device_name(device),
                "steps_per_epoch": steps_per_epoch, "train_images": len(split.train)}
     pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
+    model.eval()
+    pooled = {"pooled": pooled_features().astype(np.float16)} if config.save_pooled else {}
     np.savez_compressed(run_dir / "embeddings.npz", trained=trained.astype(np.float16),
-                        frozen=frozen.astype(np.float16), labels=labels_all, **_split_arrays(split))
+                        frozen=frozen.astype(np.float16), labels=labels_all, **pooled, **_split_arrays(split))
     if proxy_loss:  # the class vectors: class scores (MSP, max logit, energy) for open-set recognition
         np.savez(run_dir / "proxies.npz", classes=loss_fn.classes.cpu().numpy(),
                  proxies=loss_fn.proxies().cpu().numpy(), scale=loss_fn.scale, kind=config.loss)
@@ -491,7 +501,7 @@ def _split_arrays(split: Split) -> dict[str, np.ndarray]:
 
 #: Settings that do not change the trained model: evaluation only reads it, and each epoch's randomness is
 #: seeded from (seed, epoch). A finished or interrupted run is reused whatever they are.
-NOT_AFFECTING_THE_MODEL = ("eval_every",)
+NOT_AFFECTING_THE_MODEL = ("eval_every", "save_pooled")
 
 
 def _same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -524,9 +534,10 @@ def load_run(run_dir: str | Path, cars: CarsDataset | None = None) -> TrainedRun
     history_path = run_dir / "history.csv"
     history = pd.read_csv(history_path) if history_path.is_file() else pd.DataFrame()
     frozen = data["frozen"].astype(np.float32) if "frozen" in data.files else None
+    pooled = data["pooled"].astype(np.float32) if "pooled" in data.files else None
     return TrainedRun(path=run_dir, config=config, history=history,
                       embeddings=data["trained"].astype(np.float32), frozen_features=frozen,
-                      metrics=json.loads((run_dir / "metrics.json").read_text()), split=split)
+                      metrics=json.loads((run_dir / "metrics.json").read_text()), split=split, pooled=pooled)
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, frozen: bool = False) -> list[Path]:
