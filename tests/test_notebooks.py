@@ -45,8 +45,9 @@ def test_notebooks_have_no_committed_outputs():
 @pytest.mark.slow
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_on_tiny_profile(notebook, tiny_run):
+    extra = ["-p", "ssb_file", _synthetic_ssb_file(tiny_run)] if notebook.name.startswith("06") else []
     code = study.main(["--profile", "tiny", "--only", notebook.name[:2], "--no-progress",
-                       "-p", "run_dir", str(tiny_run)])
+                       "-p", "run_dir", str(tiny_run), *extra])
     assert code == 0, f"{notebook.name} failed; see {tiny_run / 'notebooks' / notebook.name}"
     results = tiny_run / "results" / f"{notebook.stem}.json"
     assert results.is_file(), f"{notebook.name} wrote no results file"
@@ -58,6 +59,28 @@ def test_notebook_runs_on_tiny_profile(notebook, tiny_run):
         assert entry["dataset"] == "synthetic"
     assert payload["command"].startswith("python -m vericar.study")
     assert list((tiny_run / "figures").glob(f"{notebook.name[:2]}_*.png")), f"{notebook.name} saved no figure"
+    if notebook.name.startswith("06"):  # the SSB section ran on the stand-in split: every score, every group
+        ssb = [e for e in entries if e.get("experiment") == "ssb-open-set"]
+        assert {e["unknown"] for e in ssb} == {"easy", "hard (medium+hard)", "medium", "hard"}
+        assert {"knn_plus", "knn_plus_pooled", "nn1"} <= {e["method"] for e in ssb}
+        assert all(0 <= e["metrics"]["auroc"] <= 1 and 0 <= e["metrics"]["oscr"] <= 1 for e in ssb)
+
+
+def _synthetic_ssb_file(tiny_run) -> str:
+    """An SSB-style class split of the tiny SynthCars (every 2nd class known, the rest easy/medium/hard), so
+    that notebook 06's SSB section runs in the tests too."""
+    import pandas as pd
+
+    from vericar.data import open_dataset
+
+    params = {**study.PROFILES["tiny"]["all"]}
+    cars = open_dataset("synthetic", study.PROJECT_ROOT / params["data_dir"], synth_config=params["synth_preset"],
+                        progress=False)
+    kinds = ["known", "easy", "known", "medium", "known", "hard"]
+    path = tiny_run / "ssb_splits.csv"
+    pd.DataFrame({"class_id": range(1, cars.num_classes + 1), "class_name": cars.class_names,
+                  "ssb_split": [kinds[i % len(kinds)] for i in range(cars.num_classes)]}).to_csv(path, index=False)
+    return str(path)
 
 
 def test_failing_notebook_names_the_cell(tmp_path, capsys):

@@ -46,6 +46,16 @@ def test_results_table_reads_the_json(tmp_path):
     assert "old" not in readme.read_text() and "precision_at_1 50.0%" in readme.read_text()
 
 
+def test_metrics_are_formatted_by_kind_not_by_value(tmp_path):
+    import json
+    (tmp_path / "02_gradient_bug.json").write_text(json.dumps({"entries": [
+        {"dataset": "stanford_cars", "protocol": "seed", "metrics": {"precision_at_1": 0.461, "loss_first": 0.765,
+                                                                      "auroc": 0.9, "grad_cosine": 0.5}}]}))
+    table = results_table(tmp_path)
+    assert "precision_at_1 46.1%" in table and "auroc 90.0%" in table
+    assert "loss_first 0.765" in table and "grad_cosine 0.5" in table and "76.5%" not in table
+
+
 def test_readme_table_matches_committed_results():
     """The committed README shows exactly what results/ holds (refresh with python -m vericar.report)."""
     if not list((ROOT / "results").glob("*.json")):

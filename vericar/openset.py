@@ -29,10 +29,10 @@ import torch
 from scipy.special import logsumexp, softmax
 from scipy.stats import bootstrap
 
-from .data.splits import SSB_DIFFICULTIES, Split
+from .data.splits import Split
 from .ood import knn_scores, ood_metrics
 
-__all__ = ["GROUPS", "SCORES", "class_logits", "evaluate", "group_rows", "oscr", "scores"]
+__all__ = ["GROUPS", "SCORES", "class_logits", "evaluate", "group_rows", "oscr", "scores", "ssb_evaluation"]
 
 SCORES = {
     "knn_plus": "KNN+ (embedding)",
@@ -158,4 +158,33 @@ def evaluate(score: dict[str, np.ndarray], correct: dict[str, np.ndarray], split
     return pd.DataFrame(rows)
 
 
-assert set(SSB_DIFFICULTIES) == {k for kinds in GROUPS.values() for k in kinds}
+
+
+def ssb_evaluation(cars, run, ssb: pd.DataFrame, *, ks, pseudo_ood_fraction: float = 0.2, seed: int = 0,
+                   n_boot: int = 200, device: str = "cpu") -> dict:
+    """Every score of :data:`SCORES` that ``run`` supports, evaluated on its ``ssb`` split.
+
+    KNN+'s k is chosen on a validation split of the *training* images only
+    (:func:`vericar.openworld.validation_sweep`: some known classes play the unknowns), for the embedding and
+    for the pooled features apart. Returns ``table`` (:func:`evaluate`), ``scores``, ``correct``, ``groups``,
+    ``k``, ``k_pooled`` and ``has_logits``.
+    """
+    from .openworld import choose_k, validation_sweep
+
+    if run.split.protocol != "ssb":
+        raise ValueError(f"{run.path} was trained with protocol {run.split.protocol!r}, not 'ssb'")
+    labels, db = cars.labels, run.split.database
+
+    def chosen(features):
+        val = validation_sweep(features, labels, db, ks, pseudo_ood_fraction=pseudo_ood_fraction, seed=seed,
+                               device=device)
+        return choose_k(val)
+
+    k = chosen(run.embeddings)
+    k_pooled = chosen(run.pooled) if run.pooled is not None else None
+    logits = class_logits(run.path, run.embeddings)
+    s, correct = scores(run.embeddings, labels, run.split, k=k, pooled=run.pooled, k_pooled=k_pooled,
+                        logits=logits, device=device)
+    groups = group_rows(cars, run.split, ssb)
+    return {"table": evaluate(s, correct, run.split, groups, n_boot=n_boot, seed=seed), "scores": s,
+            "correct": correct, "groups": groups, "k": k, "k_pooled": k_pooled, "has_logits": logits is not None}

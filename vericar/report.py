@@ -16,18 +16,29 @@ from pathlib import Path
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 BENCH_START, BENCH_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
-#: The metrics shown per notebook (others stay in the JSON). Percent-formatted when in [0, 1].
+#: The metrics shown per notebook (others stay in the JSON). Rates (see :func:`is_rate`) are shown in percent.
 HEADLINE = {
     "01_eda": ["images", "classes", "makes", "near_duplicate_pairs", "near_duplicates_cross_class"],
     "03_training": ["precision_at_1", "map_at_r", "accuracy_make", "accuracy_model", "train_seconds"],
     "04_embeddings_umap": ["purity_query_frozen_model", "purity_query_trained_model", "purity_query_trained_make",
                            "open_world_trained_heldout_class_purity"],
     "05_error_analysis": ["precision_at_1", "frozen_precision_at_1", "accuracy_make", "n_errors"],
-    "06_ood": ["fpr95", "auroc", "aupr", "new_precision_at_1", "known_precision_at_1_before",
-               "known_precision_at_1_after", "new_accepted"],
+    "06_ood": ["fpr95", "auroc", "aupr", "oscr", "closed_set_accuracy", "new_precision_at_1",
+               "known_precision_at_1_before", "known_precision_at_1_after", "new_accepted"],
 }
 COUNT_METRICS = {"images", "classes", "makes", "near_duplicate_pairs", "near_duplicates_cross_class",
                  "train_seconds", "images_per_second", "n_errors", "n_queries"}
+
+
+#: Words that make a metric a rate (a share of queries, images or pairs), shown in percent. Everything else
+#: (losses, norms, scores, cosines) is shown as a plain number, whatever its value.
+RATE_WORDS = ("precision", "recall", "accuracy", "map", "fpr95", "auroc", "aupr", "oscr", "purity", "accepted",
+              "share", "rate")
+
+
+def is_rate(name: str) -> bool:
+    """True when the metric ``name`` is a rate: one of :data:`RATE_WORDS` is a word of it."""
+    return any(word in RATE_WORDS for word in name.lower().split("_"))
 
 
 def _fmt(name: str, value) -> str:
@@ -37,11 +48,13 @@ def _fmt(name: str, value) -> str:
         return f"{value:,.0f}" if isinstance(value, (int, float)) else str(value)
     if not isinstance(value, float):
         return str(value)
-    return f"{100 * value:.1f}%" if 0 <= value <= 1 else f"{value:.3g}"
+    return f"{100 * value:.1f}%" if is_rate(name) else f"{value:.3g}"
 
 
 def _label(entry: dict) -> str:
     extra = [entry.get(k) for k in ("mode", "method", "variant", "holdout", "loss") if entry.get(k)]
+    if entry.get("unknown"):  # 06's SSB entries: which unknown classes
+        extra.append(f"SSB {entry['unknown']} unknowns")
     if entry.get("shots") is not None:  # 06's add-without-retraining entries
         extra.append(f"new classes added with {entry['shots']} labelled images each")
     return "; ".join(str(e) for e in extra)
