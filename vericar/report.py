@@ -96,6 +96,12 @@ def benchmarks_table(bench_dir: str | Path) -> str:
             continue
         payload = json.loads(path.read_text())
         name = payload.get("benchmark", path.stem)
+        if payload.get("kind") == "train":
+            out += [_train_benchmark_table(payload), ""]
+            continue
+        if "n_queries" not in payload:  # a benchmark without a retrieval table: render its rows as they are
+            out += [_generic_table(payload), ""]
+            continue
         data = f", {payload['data']} data" if payload.get("data") else ""
         out.append(f"`python benchmarks/{name}.py` ({payload.get('n_queries')} queries, {payload.get('dim')}-d"
                    f"{data}; {_machine(payload)}; {payload.get('timestamp', '')[:10]}):")
@@ -111,6 +117,31 @@ def benchmarks_table(bench_dir: str | Path) -> str:
             out.append(row + (f" {r.get('recall_at_1', float('nan')):.3f} |" if recall else ""))
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def _train_benchmark_table(payload: dict) -> str:
+    """bench_train.json: img/s, speed against the fp32 full fine-tune, peak memory, per mode and precision."""
+    lines = [f"`python benchmarks/bench_train.py` (training steps after warm-up, batch 128 cached / 64 fine-tune, "
+             f"random inputs of the real shapes; {_machine(payload)}; {payload.get('timestamp', '')[:10]}):", "",
+             "| backbone | mode | input | precision | img/s | vs full fine-tune fp32 | step peak RSS GiB | "
+             "+ dataset cache GiB |", "|---|---|---|---|---|---|---|---|"]
+    for r in payload["results"]:
+        ratio = f"{r['speed_vs_full_fp32']:.2f}x" if r.get("speed_vs_full_fp32") else "-"
+        cache = f"{r['cache_gib']:.2f}" if r.get("cache_gib") is not None else "-"
+        mode = {"infer": "inference (no grad)", "full": "full fine-tune", "head": "head only"}.get(
+            r["mode"], r["mode"] + " stage(s), cached trunk")
+        lines.append(f"| {r['backbone']} | {mode} | {r['image_size']} px | {r['precision']} | "
+                     f"{r['images_per_s']:,.0f} | {ratio} | {r['peak_rss_gib']:.2f} | {cache} |")
+    return "\n".join(lines)
+
+
+def _generic_table(payload: dict) -> str:
+    """Any other benchmark JSON with a ``results`` list of flat rows: a plain markdown table of them."""
+    import pandas as pd
+
+    rows = pd.DataFrame(payload.get("results", []))
+    head = f"`python benchmarks/{payload.get('benchmark')}.py` ({_machine(payload)}; {payload.get('timestamp', '')[:10]}):"
+    return head + "\n\n" + (rows.to_markdown(index=False, floatfmt=".4g") if not rows.empty else "(no rows)")
 
 
 def _replace_block(text: str, start: str, end: str, body: str, readme: Path) -> str:
