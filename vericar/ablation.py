@@ -59,6 +59,7 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy.stats import binomtest, norm
+from statsmodels.stats.multitest import multipletests
 
 from .data.hierarchy import LEVELS, level_keys
 from .data.splits import Split
@@ -327,13 +328,9 @@ def holm(p_values) -> np.ndarray:
     """Holm-Bonferroni adjusted p-values (same order as given; NaNs stay NaN and are not counted)."""
     p = np.asarray(p_values, dtype=float)
     out = np.full(p.shape, np.nan)
-    ok = np.flatnonzero(~np.isnan(p))
-    m = len(ok)
-    if m == 0:
-        return out
-    order = ok[np.argsort(p[ok], kind="stable")]
-    adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
-    out[order] = adjusted
+    ok = ~np.isnan(p)
+    if ok.any():
+        out[ok] = multipletests(p[ok], method="holm")[1]
     return out
 
 

@@ -16,9 +16,7 @@ Silhouette (cosine)
     For point ``i`` of cluster ``C``: ``a`` = mean cosine distance ``1 - cos`` to the other members of ``C``,
     ``b`` = the smallest mean distance to the members of another cluster, ``s = (b - a) / max(a, b)``;
     ``s = 0`` for a point alone in its cluster (scikit-learn's convention). The score is the mean of ``s``.
-    Computed here in row chunks (one ``chunk x N`` distance block at a time, times a one-hot matrix per label
-    column, float32), so 16k points need no ``N x N`` matrix and one pass serves every level; it equals
-    ``sklearn.metrics.silhouette_score(metric="cosine")`` to about 1e-6.
+    scikit-learn computes it (``silhouette_score(metric="cosine")``, distances in row chunks).
 
 Levels use the study's prefix semantics (:func:`vericar.data.hierarchy.level_keys`): two images share a
 label at ``type`` when they share make *and* body type, at ``model`` when they are the same car model (any
@@ -45,6 +43,7 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import silhouette_score
 
 from .data.hierarchy import LEVELS, level_keys
 from .retrieval import KNNIndex, l2_normalize
@@ -203,45 +202,22 @@ def chance_purity(labels) -> float:
     return float((sizes / n * (sizes - 1) / (n - 1)).sum())
 
 
-def silhouette_cosine(embeddings, labels, *, chunk_size: int = 2048):
-    """Mean silhouette with the cosine distance ``1 - cos`` (see the module docstring); NaN for 1 cluster.
+def silhouette_cosine(embeddings, labels):
+    """Mean silhouette with the cosine distance (``sklearn.metrics.silhouette_score(metric="cosine")``).
 
     ``labels``: one array (returns a float) or a DataFrame / dict of label columns (returns
-    ``{column: float}``; one pass over the distances serves every column).
+    ``{column: float}``). NaN where it is undefined (fewer than 2 clusters, or as many clusters as points).
     """
     single = not isinstance(labels, (pd.DataFrame, dict))
     table = pd.DataFrame({"label": np.asarray(labels)} if single else labels)
-    x = l2_normalize(np.asarray(embeddings, dtype=np.float32))
-    n = len(x)
-    if len(table) != n:
-        raise ValueError(f"{n} embeddings but {len(table)} labels")
-    cols = {}
+    x = np.asarray(embeddings, dtype=np.float32)
+    if len(table) != len(x):
+        raise ValueError(f"{len(x)} embeddings but {len(table)} labels")
+    out = {}
     for col in table.columns:
         lab = pd.factorize(table[col])[0]
-        k = int(lab.max()) + 1 if n else 0
-        if 2 <= k < n:  # defined only for 2 <= clusters <= n - 1, as in scikit-learn
-            onehot = np.zeros((n, k), dtype=np.float32)
-            onehot[np.arange(n), lab] = 1.0
-            cols[col] = (lab, onehot, onehot.sum(axis=0).astype(np.float64), np.empty(n))
-    for start in range(0, n if cols else 0, chunk_size):
-        rows = slice(start, start + chunk_size)
-        dist = np.clip(1.0 - x[rows] @ x.T, 0.0, 2.0)
-        m = dist.shape[0]
-        dist[np.arange(m), np.arange(start, start + m)] = 0.0
-        r = np.arange(m)
-        for lab, onehot, sizes, s in cols.values():
-            sums = (dist @ onehot).astype(np.float64)  # (chunk, clusters): summed distance to each cluster
-            own = lab[rows]
-            own_size = sizes[own]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                a = sums[r, own] / (own_size - 1)
-                means = sums / sizes
-                means[r, own] = np.inf
-                b = means.min(axis=1)
-                si = (b - a) / np.maximum(a, b)
-            si[own_size == 1] = 0.0
-            s[rows] = np.nan_to_num(si, nan=0.0)
-    out = {col: float(cols[col][3].mean()) if col in cols else float("nan") for col in table.columns}
+        k = int(lab.max()) + 1 if len(x) else 0
+        out[col] = float(silhouette_score(x, lab, metric="cosine")) if 2 <= k < len(x) else float("nan")
     return out["label"] if single else out
 
 

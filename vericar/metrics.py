@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy.stats import norm
+from statsmodels.stats.proportion import proportion_confint
 
 from .data.hierarchy import LEVELS, level_keys
 
@@ -256,7 +257,7 @@ def wilson_interval(k, n, alpha: float = 0.05):
     """Wilson score interval for ``k`` successes in ``n`` trials at level ``1 - alpha``.
 
     Works on scalars (returns a tuple of floats) and on arrays (a tuple of arrays).  ``n = 0`` gives
-    NaN.  Formula in the module docstring; e.g. ``wilson_interval(8, 10) ~= (0.490, 0.943)``.
+    NaN.  statsmodels computes it (module docstring); e.g. ``wilson_interval(8, 10) ~= (0.490, 0.943)``.
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
@@ -264,17 +265,10 @@ def wilson_interval(k, n, alpha: float = 0.05):
     n_arr = np.asarray(n, dtype=np.float64)
     if (k_arr < 0).any() or (k_arr > n_arr).any():
         raise ValueError("need 0 <= k <= n")
-    z = norm.ppf(1 - alpha / 2)
     with np.errstate(invalid="ignore", divide="ignore"):
-        p = k_arr / n_arr
-        denom = 1 + z**2 / n_arr
-        centre = (p + z**2 / (2 * n_arr)) / denom
-        half = z / denom * np.sqrt(p * (1 - p) / n_arr + z**2 / (4 * n_arr**2))
-    # exact ends for k = 0 and k = n (the formula gives them up to rounding)
-    low = np.where(k_arr == 0, 0.0, np.clip(centre - half, 0.0, 1.0))
-    high = np.where(k_arr == n_arr, 1.0, np.clip(centre + half, 0.0, 1.0))
-    low = np.where(n_arr == 0, np.nan, low)
-    high = np.where(n_arr == 0, np.nan, high)
+        low, high = proportion_confint(k_arr, n_arr, alpha=alpha, method="wilson")
+    low = np.where(n_arr == 0, np.nan, np.where(k_arr == 0, 0.0, low))
+    high = np.where(n_arr == 0, np.nan, np.where(k_arr == n_arr, 1.0, high))
     if low.ndim == 0:
         return float(low), float(high)
     return low, high

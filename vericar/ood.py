@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from scipy.special import softmax
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 __all__ = [
@@ -343,7 +344,7 @@ def max_softmax_scores(logits, temperature: float = 1.0) -> np.ndarray:
     """Maximum softmax probability (Hendrycks & Gimpel, ICLR 2017): ``max_c softmax(logits / T)_c``.
 
     ``logits`` is ``(n, num_classes)`` (numpy or torch); returns float64 ``(n,)``, higher = more ID.
-    ``temperature=1`` is the original baseline.  Computed stably in float64 (max-subtracted).
+    ``temperature=1`` is the original baseline (scipy.special.softmax, stable in float64).
     """
     if isinstance(logits, torch.Tensor):
         logits = logits.detach().cpu().numpy()
@@ -354,7 +355,4 @@ def max_softmax_scores(logits, temperature: float = 1.0) -> np.ndarray:
         raise ValueError("logits contain NaN or inf")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    z = z / float(temperature)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e.max(axis=1) / e.sum(axis=1)
+    return softmax(z / float(temperature), axis=1).max(axis=1)
