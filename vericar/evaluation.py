@@ -14,8 +14,9 @@ def evaluate_embeddings(embeddings: np.ndarray, cars: CarsDataset, split: Split,
                         levels: bool = True, device: str = "cpu") -> dict[str, float]:
     """Metrics of ``embeddings`` (one row per image of ``cars``) on ``split``'s queries against its database.
 
-    ``precision_at_1`` / ``recall_at_k`` / ``map_at_r`` come from pytorch-metric-learning's
-    AccuracyCalculator; ``accuracy_make`` ... ``accuracy_year`` from a ``k``-NN vote at each level
+    ``precision_at_1`` / ``map_at_r`` / ``r_precision`` come from pytorch-metric-learning's AccuracyCalculator
+    and ``recall_at_k`` from the same neighbour lists (:func:`vericar.metrics.retrieval_metrics`);
+    ``accuracy_make`` ... ``accuracy_year`` from a ``k``-NN vote at each level
     (``k=1``: the nearest neighbour's labels). ``zero-shot`` is leave-one-out within its query set.
     """
     labels = cars.labels

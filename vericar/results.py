@@ -1,6 +1,6 @@
 """Where a notebook's outputs go: figures and one results JSON per notebook, labelled with what produced them.
 
-Results format (see DESIGN.md): one JSON object per notebook, ``results/NN_name.json``, with ``dataset``,
+Results format (the README's "Results" section reads it): one JSON object per notebook, ``results/NN_name.json``, with ``dataset``,
 ``protocol``, ``backbone``, ``image_size``, ``device``, ``command``, ``created`` and ``metrics`` (a flat mapping
 from metric name to number, fractions in [0, 1]); a notebook comparing several variants writes ``entries``, a
 list of such objects.
