@@ -6,6 +6,7 @@ The notebooks share one run folder, as in a real study run: 03 trains the models
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import nbformat
@@ -13,6 +14,7 @@ import papermill
 import pytest
 
 from vericar import study
+from vericar.report import is_rate
 
 NOTEBOOKS = study.notebooks()
 
@@ -57,6 +59,10 @@ def test_notebook_runs_on_tiny_profile(notebook, tiny_run):
         for key in ("dataset", "protocol", "backbone", "image_size", "device", "metrics"):
             assert key in entry, f"{results.name} entry lacks {key}"
         assert entry["dataset"] == "synthetic"
+        for name, value in entry["metrics"].items():  # values, not only keys: numbers, rates within [0, 1]
+            assert value is None or (isinstance(value, (int, float)) and math.isfinite(value)), (name, value)
+            if value is not None and is_rate(name):
+                assert 0 <= value <= 1, f"{results.name}: {name} = {value} is not a rate"
     assert payload["command"].startswith("python -m vericar.study")
     assert list((tiny_run / "figures").glob(f"{notebook.name[:2]}_*.png")), f"{notebook.name} saved no figure"
     if notebook.name.startswith("06"):  # the SSB section ran on the stand-in split: every score, every group

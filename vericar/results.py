@@ -1,7 +1,8 @@
 """Where a notebook's outputs go: figures and one results JSON per notebook, labelled with what produced them.
 
-Results format (the README's "Results" section reads it): one JSON object per notebook, ``results/NN_name.json``, with ``dataset``,
-``protocol``, ``backbone``, ``image_size``, ``device``, ``command``, ``created`` and ``metrics`` (a flat mapping
+Results format (what the README's results table is rendered from): one JSON object per notebook,
+``results/NN_name.json``, with ``dataset``, ``protocol``, ``backbone``, ``image_size``, ``device``,
+``command``, ``created`` and ``metrics`` (a flat mapping
 from metric name to number, fractions in [0, 1]); a notebook comparing several variants writes ``entries``, a
 list of such objects.
 """
