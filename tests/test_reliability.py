@@ -4,6 +4,7 @@ result is paired with other data, no photo is read sideways, and every failure n
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 
@@ -204,3 +205,200 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_json(target, {"a": 2})
     assert target.read_text() == '{\n  "a": 1\n}' and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+# -- 4. a car added from a few photos is recognised -----------------------------------------------------------
+
+def _unit_rows(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("shots", [1, 2, 5])
+def test_a_car_added_from_few_photos_is_recognised(shots):
+    from vericar.predict import CarIdentifier
+    from test_predict import CLASSES
+
+    rng = np.random.default_rng(shots)
+    db = _unit_rows(np.repeat(np.eye(8)[:3], 10, axis=0) + 0.05 * rng.standard_normal((30, 8)))
+    ident = CarIdentifier(None, 32, db, np.repeat([0, 1, 2], 10), CLASSES, k=5)
+    photos = _unit_rows(np.eye(8)[5] + 0.05 * rng.standard_normal((shots + 5, 8)))
+    index = ident.add(photos[:shots], "Lumen Arko Wagon 2014")
+    out = ident.identify(photos)  # the photos just added (distance 0) and five new photos of the same car
+    assert (out["class_name"] == "Lumen Arko Wagon 2014").all() and (out["make"] == "Lumen").all()
+    assert out["known"][:shots].all() and index == 3  # the photos just added are in the database
+    assert ident.identify(db[:1])["class_name"].iat[0] == "Zentra Volo Sedan 2010"  # the old ones still are
+
+
+def test_identifier_refuses_k_0_and_bad_inputs(tmp_path):
+    from vericar.predict import CarIdentifier
+    from test_predict import CLASSES
+
+    db = _unit_rows(np.eye(8)[np.repeat([0, 1, 2], 4)] + 0.01)
+    with pytest.raises(ValueError, match="k must be a whole number >= 1"):
+        CarIdentifier(None, 32, db, np.repeat([0, 1, 2], 4), CLASSES, k=0)
+    ident = CarIdentifier(None, 32, db, np.repeat([0, 1, 2], 4), CLASSES, k=3)
+    with pytest.raises(ValueError, match="k must be a whole number >= 1"):
+        ident.identify(db[:1], k=0)
+    assert len(ident.identify(db[0])) == 1  # one embedding alone
+    for bad, match in [([], "list of images is empty"), (None, "got None"),
+                       (np.zeros((16, 16)), r"must be float \(N, 8\)"), (np.zeros((0, 8)), "array is empty")]:
+        with pytest.raises(ValueError, match=match):
+            ident.identify(bad)
+    with pytest.raises(TypeError, match="item 1 of the batch is NoneType"):
+        ident._embeddings([np.zeros((8, 8, 3), np.uint8), None])
+    with pytest.raises(ValueError, match="differs from the existing class 'Krato Baja Pickup 2011' only in case"):
+        ident.add(db[:1], "krato baja pickup 2011")
+    index = ident.add(db[:1], "krato Zuma Wagon 2013")
+    assert ident.class_table.loc[index, "make"] == "Krato"  # a new model of the existing make
+
+
+def test_identifier_accepts_a_path_a_single_image_and_pixel_arrays(run_copy, cars):
+    from PIL import Image
+
+    from vericar.predict import CarIdentifier
+
+    ident = CarIdentifier.from_run(run_copy, cars)
+    path = cars.path(0)
+    image = Image.open(path)
+    pixels = np.asarray(image.convert("RGB"))
+    answers = [ident.identify(x)["class_name"].tolist() for x in
+               (str(path), path, image, [image], pixels, [pixels])]
+    assert all(a == answers[0] and len(a) == 1 for a in answers)
+    gray = ident.identify(np.asarray(image.convert("L")))  # a 2-D uint8 array is one grayscale image
+    assert len(gray) == 1
+
+
+# -- 5. images decoded as they are meant to be seen ------------------------------------------------------------
+
+def test_exif_orientation_is_applied_everywhere(tmp_path):
+    from PIL import Image
+
+    from vericar.data import load_image
+    from vericar.embed import square_tensor
+
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = (255, 0, 0)  # stored: red left half, blue right half
+    pixels[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": a phone held upright
+    Image.fromarray(pixels).save(tmp_path / "phone.png", exif=exif)
+    upright = load_image(tmp_path / "phone.png")
+    assert upright.size == (20, 40)  # portrait, as displayed
+    top, bottom = np.asarray(upright)[2, 10], np.asarray(upright)[-3, 10]
+    assert top[0] > 200 and bottom[2] > 200  # red on top, blue below
+    t = square_tensor(Image.open(tmp_path / "phone.png"), 8)  # a photo handed to CarIdentifier as it is opened
+    assert t[0, 0, 4] > 200 and t[2, -1, 4] > 200
+
+
+def test_alpha_16_bit_and_float_images_keep_their_appearance(tmp_path):
+    from PIL import Image
+
+    from vericar.data import load_image
+
+    rgba = np.zeros((8, 8, 4), np.uint8)  # fully transparent black: shows as the background, white
+    rgba[:4, :, :] = (10, 200, 10, 255)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    out = np.asarray(load_image(tmp_path / "alpha.png"))
+    assert (out[-1] == 255).all() and tuple(out[0, 0]) == (10, 200, 10)
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(tmp_path / "deep.png")  # 16-bit mid-grey
+    assert abs(int(np.asarray(load_image(tmp_path / "deep.png"))[0, 0, 0]) - 128) <= 1
+    Image.fromarray(np.full((8, 8), 0.5, np.float32), "F").save(tmp_path / "float.tif")
+    assert abs(int(np.asarray(load_image(tmp_path / "float.tif"))[0, 0, 0]) - 128) <= 1
+    palette = Image.fromarray(rgba, "RGBA").convert("P")
+    palette.info["transparency"] = 0
+    assert np.asarray(load_image(tmp_path / "alpha.png")).dtype == np.uint8
+
+
+# -- 6. one huge image does not kill the folder embedder; 7. non-UTF-8 names; 9. damaged shards ----------------
+
+@pytest.fixture
+def photos(cars, tmp_path):
+    import os
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(4):
+        shutil.copy(cars.path(i), folder / f"car{i}.jpg")
+    from PIL import Image
+    Image.new("RGB", (200, 200), (1, 2, 3)).save(folder / "huge.png")
+    (folder / os.fsdecode(b"caf\xe9 broken.jpg")).write_bytes(b"not a jpeg")  # a Latin-1 name, unreadable
+    return folder
+
+
+def test_a_decompression_bomb_is_reported_like_any_unreadable_image(finished, photos, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    import vericar.embed_folder as ef
+    from vericar.data import CorruptImageError, load_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # 200 x 200 is over twice that: DecompressionBombError
+    with pytest.raises(CorruptImageError, match=r"refused image .*huge\.png.*MAX_IMAGE_PIXELS"):
+        load_image(photos / "huge.png")
+    code = ef.main([str(photos), "--checkpoint", str(finished), "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "4 images embedded" in err and "huge.png" in err and "caf\\xe9 broken.jpg" in err
+    report = pd.read_csv(tmp_path / "out.failed.csv", encoding="utf-8", encoding_errors="surrogateescape")
+    assert sorted(report["file"]) == sorted(["huge.png", os.fsdecode(b"caf\xe9 broken.jpg")])
+    assert not (tmp_path / "out.npz.parts").exists()
+    loaded = ef.load_folder_embeddings(tmp_path / "out.npz")
+    assert loaded.files.tolist() == [f"car{i}.jpg" for i in range(4)]
+
+
+def test_a_damaged_shard_is_embedded_again_and_valid_shards_kept(finished, photos, tmp_path, monkeypatch):
+    import vericar.embed_folder as ef
+    from vericar.runio import RunFileError
+
+    (photos / "huge.png").unlink()
+    out = tmp_path / "out.npz"
+    real, calls = ef.embed_batches, []
+
+    def dies_on_third_shard(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ef, "embed_batches", dies_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        ef.embed_folder(photos, finished, out, batch_size=1, shard_size=1, progress=False)
+    shards = sorted((tmp_path / "out.npz.parts").glob("shard-*.npz"))
+    assert len(shards) == 2
+    shards[1].write_bytes(shards[1].read_bytes()[:100])  # e.g. a full disk
+    monkeypatch.setattr(ef, "embed_batches", real)
+    with pytest.warns(UserWarning, match=r"shard-00001\.npz is damaged.*embedded again"):
+        result = ef.embed_folder(photos, finished, out, progress=False)
+    assert (result.reused, result.embedded) == (1, 3) and len(result.files) == 4
+    out.write_bytes(out.read_bytes()[:100])
+    with pytest.raises(RunFileError, match=r"out\.npz is damaged.*Run the folder embedder again"):
+        ef.load_folder_embeddings(out)
+
+
+# -- 7. non-UTF-8 names in datasets; 8. paths outside the data folder -----------------------------------------
+
+def test_non_utf8_file_names_and_nested_folders_are_read(cars, tmp_path):
+    from vericar.embed import dataset_fingerprint
+    from vericar.runio import data_fingerprint
+
+    root = tmp_path / "folders"
+    names = cars.class_names[:2]
+    for split in ("train", "test"):
+        for j, name in enumerate(names):
+            (root / split / name / "more").mkdir(parents=True)
+            shutil.copy(cars.path(j), root / split / name / os.fsdecode(b"caf\xe9.jpg"))
+            shutil.copy(cars.path(j), root / split / name / "more" / "nested.jpg")
+    folders = open_dataset("stanford_cars", root)
+    assert len(folders) == 8  # the nested images are read too
+    assert dataset_fingerprint(folders) and data_fingerprint(folders)
+    assert np.asarray(folders.image(0)).shape[2] == 3
+
+
+@pytest.mark.parametrize("bad", ["../secret.jpg", "/etc/passwd", "images/../../secret.jpg"])
+def test_paths_outside_the_data_folder_are_refused(compact_dir, bad):
+    from vericar.data import DataError
+
+    (compact_dir.parent / "secret.jpg").write_bytes((compact_dir / "images/train/00001.jpg").read_bytes())
+    labels = pd.read_csv(compact_dir / "labels.csv")
+    labels.loc[0, "filename"] = bad
+    labels.to_csv(compact_dir / "labels.csv", index=False)
+    with pytest.raises(DataError, match="point outside the data folder"):
+        open_dataset("stanford_cars", compact_dir)

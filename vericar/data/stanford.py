@@ -14,8 +14,8 @@ Layouts (detected from the folder's contents):
     The single-file layout of metric-learning repositories: ``car_ims/`` + ``cars_annos.mat``
     (``relative_im_path``, box, ``class``, ``test``).
 ``folders``
-    One folder per class under ``train/`` and ``test/`` (e.g. ``train/BMW M3 Coupe 2012/xyz.jpg``); class ids
-    are the sorted class names, 1..C.
+    One folder per class under ``train/`` and ``test/`` (e.g. ``train/BMW M3 Coupe 2012/xyz.jpg``, or deeper in
+    subfolders of the class folder); class ids are the sorted class names, 1..C.
 """
 
 from __future__ import annotations
@@ -211,8 +211,8 @@ def _read_folders(root: Path) -> tuple[pd.DataFrame, list[str]]:
             folder = root / split / name
             if not folder.is_dir():
                 continue
-            for f in sorted(folder.iterdir()):
-                if f.suffix.lower() in IMAGE_SUFFIXES:
-                    rows.append((f"{split}/{name}/{f.name}", split, class_id, name))
+            for f in sorted(folder.rglob("*")):  # images in subfolders of a class folder belong to it
+                if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
+                    rows.append((f.relative_to(root).as_posix(), split, class_id, name))
     table = pd.DataFrame(rows, columns=["filename", "split", "class_id", "class_name"])
     return table, class_names
