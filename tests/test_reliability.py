@@ -402,3 +402,55 @@ def test_paths_outside_the_data_folder_are_refused(compact_dir, bad):
     labels.to_csv(compact_dir / "labels.csv", index=False)
     with pytest.raises(DataError, match="point outside the data folder"):
         open_dataset("stanford_cars", compact_dir)
+
+
+# -- 10. silent or poor cases made clear --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value", [("epochs", 0), ("image_size", 0)])
+def test_sizes_that_cannot_train_are_refused_before_anything_is_written(cars, tmp_path, field, value):
+    with pytest.raises(ValueError, match=f"{field} must be a whole number >= "):
+        train(cars, dataclasses.replace(TINY, **{field: value}), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_queries_without_a_possible_match_are_counted_and_small_databases_explained():
+    from vericar.metrics import retrieval_metrics
+
+    q = _unit_rows(np.eye(4)[[0, 1, 2, 2]] + 0.1)
+    db = _unit_rows(np.eye(4)[[0, 1]] + 0.1)
+    with pytest.warns(UserWarning, match=r"2 of 4 queries have no possible match.*1 classes, e\.g\. 7.*no database"):
+        out = retrieval_metrics(q, [5, 6, 7, 7], db, [5, 6], k_values=(1,))
+    assert out["precision_at_1"] == 1.0  # over the queries that can be matched
+    with pytest.raises(ValueError, match=r"exceeds the 2 references available \(database items\); pass k_values no "
+                                         r"larger than 2"):
+        retrieval_metrics(q[:2], [5, 6], db, [5, 6], k_values=(1, 5))
+
+
+def test_index_refuses_the_not_found_id_and_unit_less_vectors_where_distances_need_units():
+    from vericar.index import VectorIndex
+
+    x = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
+    flat = VectorIndex(8, "flat")
+    with pytest.raises(ValueError, match="ids must be >= 0: -1 marks 'not found'"):
+        flat.add(x[:2], [0, 1], ids=[-1, 5])
+    hnsw = VectorIndex(8, "hnsw", normalize=False)
+    with pytest.raises(ValueError, match="not unit length, but a hnsw index ranks by inner product"):
+        hnsw.add(3 * x, np.zeros(40, int))
+    hnsw.add(_unit_rows(x), np.zeros(40, int))
+    dist, _ = hnsw.search(_unit_rows(x[:3]), 2)
+    assert dist[:, 0] == pytest.approx(0, abs=1e-3) and (dist[:, 1] > 0.1).all()
+
+
+def test_damaged_devkit_files_and_latin1_class_names_are_named(compact_dir, tmp_path):
+    from vericar.data import DataError, read_class_names, read_devkit_annotations
+
+    (tmp_path / "cars_meta.mat").write_bytes(b"MATLAB 5.0 MAT-file, garbage" + bytes(200))
+    with pytest.raises(DataError, match=r"cannot read the MATLAB file .*cars_meta\.mat.*Download it again"):
+        read_class_names(tmp_path / "cars_meta.mat")
+    (tmp_path / "annos.mat").write_bytes(b"")
+    with pytest.raises(DataError, match=r"annos\.mat"):
+        read_devkit_annotations(tmp_path / "annos.mat")
+    names = (compact_dir / "class_names.txt").read_text().replace("Audi", "Audí")
+    (compact_dir / "class_names.txt").write_bytes(names.encode("latin-1"))
+    with pytest.raises(DataError, match=r"class_names\.txt is not UTF-8 text.*iconv -f latin1"):
+        open_dataset("stanford_cars", compact_dir)

@@ -220,6 +220,7 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
     if ddp.distributed:  # a single-process run's config.json stays as it was
         config_json["world_size"] = ddp.world_size
         distributed.check_batch_size(config.batch_size, config.m_per_class if config.sampler == "m_per_class" else None)
+    _check_sizes(config)
     state = _existing_run(run_dir, config_json, resume=resume, overwrite=overwrite, is_main=ddp.is_main)
     if state == "finished":
         return load_run(run_dir, cars)
@@ -507,6 +508,16 @@ def _refuse_other_config(run_dir: Path, stored: dict[str, Any], config_json: dic
                          "(python -m vericar.train ... --overwrite) to delete this run and train anew.")
 
 
+def _check_sizes(config: TrainConfig) -> None:
+    """Refuse sizes that cannot train (epochs=0 used to leave a run folder that no load_run could read)."""
+    for name, low, hint in (("epochs", 1, "the untrained model's metrics are every run's metrics['frozen']"),
+                            ("image_size", 8, "e.g. 224, the backbones' pretraining size"),
+                            ("batch_size", 2, "e.g. 128")):
+        value = getattr(config, name)
+        if not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be a whole number >= {low}, got {value!r} ({hint})")
+
+
 def _existing_run(run_dir: Path, config_json: dict[str, Any], *, resume: bool, overwrite: bool,
                   is_main: bool) -> str:
     """What :func:`train` does with ``run_dir``: ``"finished"`` (load it), ``"resume"`` or ``"fresh"``.
@@ -567,7 +578,7 @@ def load_run(run_dir: str | Path, cars: CarsDataset | None = None) -> TrainedRun
                   query=data["split_query"], ood_query=data["split_ood_query"],
                   ood_database=data["split_ood_database"], heldout_class_ids=data["split_heldout_class_ids"])
     history_path = run_dir / "history.csv"
-    history = pd.read_csv(history_path) if history_path.is_file() else pd.DataFrame()
+    history = pd.read_csv(history_path) if history_path.is_file() and history_path.stat().st_size > 1 else pd.DataFrame()
     frozen = data["frozen"].astype(np.float32) if "frozen" in data else None
     return TrainedRun(path=run_dir, config=config, history=history,
                       embeddings=data["trained"].astype(np.float32), frozen_features=frozen,
