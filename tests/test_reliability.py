@@ -205,6 +205,8 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_json(target, {"a": 2})
     assert target.read_text() == '{\n  "a": 1\n}' and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+    (tmp_path / "plain.txt").write_text("x")  # the renamed file has the permissions of any new file, not 0600
+    assert target.stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777
 
 
 # -- 4. a car added from a few photos is recognised -----------------------------------------------------------

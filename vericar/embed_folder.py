@@ -134,7 +134,7 @@ def embed_folder(folder: str | Path, checkpoint: str | Path, out: str | Path | N
     Returns the :class:`FolderEmbeddings` written to ``out``; warns (and lists them in ``out.failed.csv``)
     when images could not be read.
     """
-    from .train import load_model, load_run
+    from .train import load_model, load_run, model_file
 
     folder = Path(folder)
     files = list_images(folder)
@@ -144,7 +144,7 @@ def embed_folder(folder: str | Path, checkpoint: str | Path, out: str | Path | N
     run = load_run(checkpoint)
     dev = resolve_device(device)
     meta = {"format": "vericar.embed_folder", "version": FORMAT_VERSION, "folder": str(folder.resolve()),
-            "checkpoint": str(Path(checkpoint).resolve()), "model_fingerprint": _fingerprint(run.model_path),
+            "checkpoint": str(Path(checkpoint).resolve()), "model_fingerprint": _fingerprint(model_file(run)),
             "backbone": run.config.backbone, "image_size": run.config.image_size,
             "embedding_dim": run.config.embedding_dim}
     parts = _parts_dir(out)

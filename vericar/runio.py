@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -46,9 +46,8 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    # not mkstemp: its files are private (0600); the writer creates this one with the usual permissions
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{suffix}")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -624,12 +624,17 @@ def load_model(run: TrainedRun | str | Path, device: str = "cpu"):
     return model.to(resolve_device(device)).eval()
 
 
-def _load_run_checkpoint(run: TrainedRun) -> dict[str, Any]:
-    """The weights of a finished run (checkpoint.pt, or model.pt in an exported run), loaded safely."""
+def model_file(run: TrainedRun) -> Path:
+    """The file holding a run's weights (checkpoint.pt, or model.pt in an exported run); raises if neither is."""
     if not run.model_path.is_file():
         raise RunFileError(f"{run.path} has no checkpoint.pt (a training run) nor model.pt (an exported run), so "
                            "no model weights; copy the run folder again with its checkpoint.pt, or retrain it")
-    return load_checkpoint(run.model_path, "cpu", fix=_DAMAGED_CHECKPOINT)
+    return run.model_path
+
+
+def _load_run_checkpoint(run: TrainedRun) -> dict[str, Any]:
+    """The weights of a finished run, loaded safely (tensors and plain data only)."""
+    return load_checkpoint(model_file(run), "cpu", fix=_DAMAGED_CHECKPOINT)
 
 
 def main(argv: list[str] | None = None) -> int:
