@@ -115,7 +115,8 @@ def _save_npz(path: Path, **arrays) -> None:
     tmp.replace(path)  # atomic: an interruption never leaves half a file
 
 
-_REEMBED = "Run the folder embedder again (python -m vericar.embed FOLDER --checkpoint RUN --out OUT): it embeds it anew."
+_REEMBED = ("Run the folder embedder again (python -m vericar.embed FOLDER --checkpoint RUN --out OUT): "
+            "it embeds it anew.")
 
 
 def load_folder_embeddings(path: str | Path) -> FolderEmbeddings:

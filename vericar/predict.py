@@ -31,9 +31,9 @@ class CarIdentifier:
     ``class_table``, one row per class with ``class_name, make, type, model, year``) form the database.
     Identification votes over the ``k`` nearest database images at each level independently
     (:func:`vericar.retrieval.hierarchical_predict`), each neighbour's vote weighted by ``1 / distance``
-    (``weighted=True``, the default) so that a class with fewer than ``k`` images (a car just added from one
-    photo) wins when its images are the nearest; ``weighted=False`` counts votes. The KNN+ score is minus the distance to the
-    ``ood_k``-th nearest database image, and a car is *known* when its score clears the threshold that
+    (``weighted=True``, the default), so that a class with fewer than ``k`` images (a car just added from one
+    photo) is not outvoted by farther images of other classes; ``weighted=False`` counts votes. The KNN+
+    score is minus the distance to the ``ood_k``-th nearest database image, and a car is *known* when its score clears the threshold that
     accepts ``tpr`` of the database's own images (leave-one-out), the in-distribution side only.
     """
 

@@ -56,7 +56,8 @@ from .embed import (augment, cached_features, decode_images, embed_batches, l2_n
 from .evaluation import evaluate_embeddings
 from .losses import level_label_matrix, make_loss
 from .models import build_model, flip_average, split_backbone
-from .runio import RunFileError, atomic_path, data_fingerprint, load_checkpoint, load_npz, read_json, save_checkpoint, write_json
+from .runio import (RunFileError, atomic_path, data_fingerprint, load_checkpoint, load_npz, read_json,
+                    save_checkpoint, write_json)
 
 SAMPLERS = ("m_per_class", "shuffle")
 DEFAULT_CACHE = Path.home() / ".cache" / "vericar" / "features"
@@ -578,7 +579,8 @@ def load_run(run_dir: str | Path, cars: CarsDataset | None = None) -> TrainedRun
                   query=data["split_query"], ood_query=data["split_ood_query"],
                   ood_database=data["split_ood_database"], heldout_class_ids=data["split_heldout_class_ids"])
     history_path = run_dir / "history.csv"
-    history = pd.read_csv(history_path) if history_path.is_file() and history_path.stat().st_size > 1 else pd.DataFrame()
+    has_history = history_path.is_file() and history_path.stat().st_size > 1  # not the empty file of 0 epochs
+    history = pd.read_csv(history_path) if has_history else pd.DataFrame()
     frozen = data["frozen"].astype(np.float32) if "frozen" in data else None
     return TrainedRun(path=run_dir, config=config, history=history,
                       embeddings=data["trained"].astype(np.float32), frozen_features=frozen,

@@ -154,5 +154,6 @@ def _outside_root(filenames: pd.Series) -> np.ndarray:
     names, without touching the disk; a symbolic link inside the folder is the owner's choice and is followed)."""
     def leaves(name: str) -> bool:
         norm = os.path.normpath(str(name))
-        return os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep) or bool(re.match(r"^[A-Za-z]:", norm))
+        return (os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep)
+                or bool(re.match(r"^[A-Za-z]:", norm)))  # a Windows drive
     return np.fromiter((leaves(f) for f in filenames), bool, len(filenames))
