@@ -243,7 +243,8 @@ def test_identifier_refuses_k_0_and_bad_inputs(tmp_path):
         ident.identify(db[:1], k=0)
     assert len(ident.identify(db[0])) == 1  # one embedding alone
     for bad, match in [([], "list of images is empty"), (None, "got None"),
-                       (np.zeros((16, 16)), r"must be float \(N, 8\)"), (np.zeros((0, 8)), "array is empty")]:
+                       (np.zeros((16, 16)), r"must be float \(N, 8\)"), (np.zeros((0, 8)), "array is empty"),
+                       (np.full((8, 8), 0.5), "rows are not unit length .* An image\\?")]:  # a float 2-D image
         with pytest.raises(ValueError, match=match):
             ident.identify(bad)
     with pytest.raises(TypeError, match="item 1 of the batch is NoneType"):

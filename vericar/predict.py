@@ -133,6 +133,9 @@ class CarIdentifier:
                                  f"{x.shape}. Pass images as PIL images, paths or uint8 arrays (H x W x 3)")
             if not len(x):
                 raise ValueError("nothing to identify: the embedding array is empty")
+            if not np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-2):
+                raise ValueError(f"a float {x.shape} array was passed as embeddings, but its rows are not unit length "
+                                 "as the model's embeddings are. An image? Pass it as uint8 pixels or a PIL image")
             return x.astype(np.float32)
         if x is None:
             raise ValueError("nothing to identify: got None; pass images, paths or embeddings")
