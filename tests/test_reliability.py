@@ -352,6 +352,7 @@ def test_a_damaged_shard_is_embedded_again_and_valid_shards_kept(finished, photo
     from vericar.runio import RunFileError
 
     (photos / "huge.png").unlink()
+    (photos / os.fsdecode(b"caf\xe9 broken.jpg")).unlink()
     out = tmp_path / "out.npz"
     real, calls = ef.embed_batches, []
 

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import uuid
 import zipfile
 from pathlib import Path
@@ -111,9 +112,10 @@ def load_checkpoint(path: str | Path, map_location="cpu", fix: str = "") -> dict
         with torch.serialization.safe_globals(_numpy_scalar_globals()):
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
         raise UnsafeCheckpointError(
             f"refused to load {path}: it holds pickled objects other than tensors and plain data, which could "
-            f"run code on this machine ({str(err).splitlines()[0] if str(err) else type(err).__name__}). A run "
+            f"run code on this machine (it asks for {found.group(1) if found else 'a forbidden object'}). A run "
             "folder written by vericar never does; use a run folder from a source you trust, or retrain.") from err
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
         raise RunFileError(f"{path} is damaged or not a checkpoint ({type(err).__name__}: "
