@@ -291,6 +291,9 @@ def test_exif_orientation_is_applied_everywhere(tmp_path):
     assert top[0] > 200 and bottom[2] > 200  # red on top, blue below
     t = square_tensor(Image.open(tmp_path / "phone.png"), 8)  # a photo handed to CarIdentifier as it is opened
     assert t[0, 0, 4] > 200 and t[2, -1, 4] > 200
+    # a devkit box is in the stored pixels' coordinates: crop the blue half, then turn it upright
+    crop = load_image(tmp_path / "phone.png", bbox=(20, 0, 40, 10))  # 20 wide, 10 high as stored
+    assert crop.size == (10, 20) and (np.asarray(crop)[..., 2] > 200).all()  # upright: 10 wide, 20 high
 
 
 def test_alpha_16_bit_and_float_images_keep_their_appearance(tmp_path):
@@ -307,9 +310,10 @@ def test_alpha_16_bit_and_float_images_keep_their_appearance(tmp_path):
     assert abs(int(np.asarray(load_image(tmp_path / "deep.png"))[0, 0, 0]) - 128) <= 1
     Image.fromarray(np.full((8, 8), 0.5, np.float32), "F").save(tmp_path / "float.tif")
     assert abs(int(np.asarray(load_image(tmp_path / "float.tif"))[0, 0, 0]) - 128) <= 1
-    palette = Image.fromarray(rgba, "RGBA").convert("P")
-    palette.info["transparency"] = 0
-    assert np.asarray(load_image(tmp_path / "alpha.png")).dtype == np.uint8
+    palette = Image.new("P", (4, 4), 0)  # index 0 (black) is transparent
+    palette.putpalette([0, 0, 0, 10, 200, 10])
+    palette.save(tmp_path / "palette.png", transparency=0)
+    assert (np.asarray(load_image(tmp_path / "palette.png")) == 255).all()
 
 
 # -- 6. one huge image does not kill the folder embedder; 7. non-UTF-8 names; 9. damaged shards ----------------
