@@ -124,9 +124,10 @@ def test_another_model_is_not_mixed_in(run_dir, folder, tmp_path):
 
 def test_command_line(run_dir, folder, tmp_path, capsys):
     assert ef.main([str(folder), "--checkpoint", str(run_dir), "--out", str(tmp_path / "cli"), "--batch-size", "3",
-                    "--device", "cpu", "--no-progress"]) == 0
+                    "--device", "cpu", "--no-progress"]) == 1  # some images failed: a script must notice
     err = capsys.readouterr().err
     assert "6 images embedded" in err and "2 unreadable" in err and "corrupt.jpg" in err
+    assert err.rstrip().splitlines()[-1].startswith("2 images could not be read")
     assert (tmp_path / "cli.npz").is_file() and (tmp_path / "cli.failed.csv").is_file()
     with pytest.raises(FileNotFoundError, match="pass a folder"):
         ef.list_images(tmp_path / "missing")
@@ -138,5 +139,5 @@ def test_python_m_vericar_embed_is_the_folder_embedder(run_dir, folder, tmp_path
     done = subprocess.run([sys.executable, "-m", "vericar.embed", str(folder), "--checkpoint", str(run_dir),
                            "--out", str(tmp_path / "m"), "--device", "cpu", "--no-progress"],
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr  # the folder holds two unreadable images
     assert "6 images embedded" in done.stderr and (tmp_path / "m.npz").is_file()

@@ -493,11 +493,11 @@ def test_proxy_losses_learn_one_proxy_per_class(name):
     first = None
     for _ in range(150):
         loss = loss_fn(emb, labels)
-        first = float(loss) if first is None else first
+        first = float(loss.detach()) if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < 0.5 * first
+    assert float(loss.detach()) < 0.5 * first
     logits = loss_fn.logits(emb.detach())
     assert logits.shape == (32, 4)
     assert (classes[logits.argmax(1).numpy()] == labels.numpy()).all()

@@ -162,8 +162,9 @@ def test_retraining_with_another_config_drops_the_old_results_first(synthcars_ti
     def crash(epoch, record):
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        train(synthcars_tiny, dataclasses.replace(TINY, epochs=2), tmp_path / "r", progress=False, callback=crash)
+    with pytest.raises(KeyboardInterrupt):  # only when asked to: overwrite=True (see test_reliability)
+        train(synthcars_tiny, dataclasses.replace(TINY, epochs=2), tmp_path / "r", progress=False, callback=crash,
+              overwrite=True)
     assert not (tmp_path / "r" / "metrics.json").exists()  # not the first run's metrics under the new config
     with pytest.raises(FileNotFoundError, match="not a finished training run"):
         load_run(tmp_path / "r")

@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .data.dataset import CarsDataset
+from .data.images import to_rgb
 from .models import BackboneSpec
 from .retrieval import l2_normalize  # noqa: F401  (re-exported: one implementation)
 
@@ -38,7 +39,7 @@ def square_tensor(image: Image.Image, image_size: int, interpolation: str = "bic
     The one place images are prepared for a model: training, evaluation, :class:`vericar.predict.CarIdentifier`
     and folder embedding all go through it, so a photo is seen the same way everywhere.
     """
-    image = image.convert("RGB").resize((image_size, image_size), _PIL_INTERPOLATION[interpolation])
+    image = to_rgb(image).resize((image_size, image_size), _PIL_INTERPOLATION[interpolation])
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
@@ -146,9 +147,9 @@ def embed_batches(fn, images: torch.Tensor, spec: BackboneSpec, *, batch_size: i
 def dataset_fingerprint(cars: CarsDataset) -> str:
     """A short hash of a dataset's identity (root, files, labels, crop): keys caches of its features."""
     h = hashlib.sha1()
-    h.update(str(Path(cars.root).resolve()).encode())
+    h.update(str(Path(cars.root).resolve()).encode("utf-8", "surrogateescape"))
     h.update(str(cars.crop_to_bbox).encode())
-    h.update(cars.table[["filename", "class_id"]].to_csv(index=False).encode())
+    h.update(cars.table[["filename", "class_id"]].to_csv(index=False).encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:12]
 
 

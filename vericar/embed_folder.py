@@ -12,13 +12,16 @@ path relative to the folder (``/``-separated, sorted). The output ``OUT.npz`` (d
 beside the folder) holds ``files``, ``embeddings`` (float32, one row per file), ``size`` and ``mtime_ns`` of
 each file when embedded, ``failed_files`` / ``failed_errors`` and ``meta`` (JSON: checkpoint, model
 fingerprint, image size, ...). Unreadable images are never dropped silently: they are listed in the output,
-in ``OUT.failed.csv`` (``file,error``; written, possibly empty, on every run) and in the printed summary.
+in ``OUT.failed.csv`` (``file,error``; written, possibly empty, on every run) and in the printed summary,
+and the command then exits with status 1. Images too large to decode safely (Pillow's decompression-bomb
+limit) count as unreadable. File names are kept as the filesystem gives them (non-UTF-8 bytes included).
 
 Resumable: finished work is written in shards (every ``--shard-size`` images) to ``OUT.parts/``; a rerun
 (after an interruption, or after images were added to the folder) reuses the embeddings in ``OUT.npz`` and in
 the shards of files that did not change (same size and modification time) and embeds only the rest.
 Unreadable files are retried on every run. A rerun with another model refuses to mix embeddings (use another
-``--out`` or ``--overwrite``).
+``--out`` or ``--overwrite``). Every file is written to a temporary name and renamed; a damaged shard or
+output (e.g. a full disk) is reported and its images embedded again, the valid shards kept.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from tqdm.auto import tqdm
 
 from .data.images import DataError, load_image
 from .embed import embed_batches, resolve_device, square_tensor
+from .runio import RunFileError, atomic_path, fs_text, load_npz
 
 __all__ = ["IMAGE_EXTENSIONS", "FolderEmbeddings", "embed_folder", "list_images", "load_folder_embeddings", "main"]
 
@@ -69,7 +73,7 @@ class FolderEmbeddings:
         line = (f"{len(self.files)} images embedded in {self.path} ({self.embedded} now, {self.reused} reused "
                 f"from an earlier run); {len(self.failed)} unreadable")
         if len(self.failed):
-            shown = "\n".join(f"  {r.file}: {r.error}" for r in self.failed.head(10).itertuples())
+            shown = "\n".join(f"  {fs_text(r.file)}: {fs_text(r.error)}" for r in self.failed.head(10).itertuples())
             more = f"\n  ... and {len(self.failed) - 10} more" if len(self.failed) > 10 else ""
             line += f", skipped and listed in {self.report_path}:\n{shown}{more}"
         return line
@@ -111,15 +115,14 @@ def _save_npz(path: Path, **arrays) -> None:
     tmp.replace(path)  # atomic: an interruption never leaves half a file
 
 
-def _read(path: Path) -> dict:
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+_REEMBED = ("Run the folder embedder again (python -m vericar.embed FOLDER --checkpoint RUN --out OUT): "
+            "it embeds it anew.")
 
 
 def load_folder_embeddings(path: str | Path) -> FolderEmbeddings:
     """Read an ``OUT.npz`` written by :func:`embed_folder`."""
     path = Path(path)
-    d = _read(path)
+    d = load_npz(path, _REEMBED)
     failed = pd.DataFrame({"file": d["failed_files"].astype(str), "error": d["failed_errors"].astype(str)})
     return FolderEmbeddings(path, d["files"].astype(str), d["embeddings"], failed, json.loads(str(d["meta"])))
 
@@ -132,7 +135,7 @@ def embed_folder(folder: str | Path, checkpoint: str | Path, out: str | Path | N
     Returns the :class:`FolderEmbeddings` written to ``out``; warns (and lists them in ``out.failed.csv``)
     when images could not be read.
     """
-    from .train import load_model, load_run
+    from .train import load_model, load_run, model_file
 
     folder = Path(folder)
     files = list_images(folder)
@@ -142,7 +145,7 @@ def embed_folder(folder: str | Path, checkpoint: str | Path, out: str | Path | N
     run = load_run(checkpoint)
     dev = resolve_device(device)
     meta = {"format": "vericar.embed_folder", "version": FORMAT_VERSION, "folder": str(folder.resolve()),
-            "checkpoint": str(Path(checkpoint).resolve()), "model_fingerprint": _fingerprint(run.model_path),
+            "checkpoint": str(Path(checkpoint).resolve()), "model_fingerprint": _fingerprint(model_file(run)),
             "backbone": run.config.backbone, "image_size": run.config.image_size,
             "embedding_dim": run.config.embedding_dim}
     parts = _parts_dir(out)
@@ -154,7 +157,11 @@ def embed_folder(folder: str | Path, checkpoint: str | Path, out: str | Path | N
     done: dict[str, tuple[np.ndarray, int, int]] = {}  # file -> (embedding, size, mtime_ns)
     sources = ([out] if out.is_file() else []) + sorted(parts.glob("shard-*.npz"))
     for src in sources:
-        d = _read(src)
+        try:
+            d = load_npz(src)
+        except RunFileError as err:  # e.g. a full disk: its images are embedded again, the rest is kept
+            warnings.warn(f"{err} Its images are embedded again.", stacklevel=2)
+            continue
         prev = json.loads(str(d["meta"]))
         if prev.get("model_fingerprint") != meta["model_fingerprint"] or prev.get("image_size") != meta["image_size"]:
             raise ValueError(f"{src} holds embeddings of another model ({prev.get('checkpoint')}, fingerprint "
@@ -219,7 +226,8 @@ def embed_folder(folder: str | Path, checkpoint: str | Path, out: str | Path | N
               size=size[keep] if keep else np.zeros(0, np.int64), mtime_ns=mtime[keep] if keep else np.zeros(0, np.int64),
               failed_files=failed_df["file"].to_numpy(dtype=str), failed_errors=failed_df["error"].to_numpy(dtype=str),
               meta=np.array(json.dumps(meta)))
-    failed_df.to_csv(_failed_csv(out), index=False)
+    with atomic_path(_failed_csv(out)) as tmp:
+        failed_df.to_csv(tmp, index=False, encoding="utf-8", errors="surrogateescape")
     shutil.rmtree(parts, ignore_errors=True)
     result = FolderEmbeddings(out, np.array([files[i] for i in keep], dtype=str), emb, failed_df, meta,
                               embedded=len(todo) - len(failed), reused=len(reuse))
@@ -248,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
                               shard_size=args.shard_size, workers=args.workers, progress=not args.no_progress,
                               overwrite=args.overwrite)
     print(result.summary(), file=sys.stderr if len(result.failed) else sys.stdout)
+    if len(result.failed):
+        print(f"{len(result.failed)} images could not be read (listed in {result.report_path}); exit status 1",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -215,6 +215,9 @@ class VectorIndex:
             new_ids = np.asarray(ids, dtype=np.int64)
             if new_ids.shape != (len(x),) or len(np.unique(new_ids)) != len(x):
                 raise ValueError(f"ids must be {len(x)} unique integers")
+            if (new_ids < 0).any():
+                raise ValueError(f"ids must be >= 0: -1 marks 'not found' in search results (got "
+                                 f"{new_ids[new_ids < 0][:5].tolist()})")
             if len(self._ids) and np.isin(new_ids, self._ids).any():
                 raise ValueError("some ids are already in the index (ids stay reserved after removal)")
         if not len(x):
@@ -389,7 +392,13 @@ class VectorIndex:
         arr = _as_2d_float(x, name)
         if arr.shape[1] != self.dim:
             raise ValueError(f"{name} have dim {arr.shape[1]}, the index has dim {self.dim}")
-        return l2_normalize(arr) if self.normalize else arr
+        if self.normalize:
+            return l2_normalize(arr)
+        if self.kind != "flat" and len(arr) and not np.allclose(np.linalg.norm(arr, axis=1), 1.0, atol=1e-3):
+            raise ValueError(f"{name} are not unit length, but a {self.kind} index ranks by inner product, which "
+                             "gives distances only for unit vectors (every distance would read 0.0). Pass "
+                             "normalize=True, L2-normalise them, or use kind='flat'.")
+        return arr
 
     def _positions(self, ids, missing_ok: bool = False) -> np.ndarray:
         if self._id_to_pos is None:

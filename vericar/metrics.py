@@ -33,6 +33,7 @@ approximation.  ``n = 0`` gives ``(nan, nan)``.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -157,7 +158,9 @@ def retrieval_metrics(query_embeddings, query_labels, db_embeddings=None, db_lab
     max_bin = int(ref_counts.reindex(np.unique(ql)).fillna(0).max())
     need = max(max_bin - int(loo), k_values[-1])
     if need > n_ref_avail:
-        raise ValueError(f"max(k_values)={k_values[-1]} exceeds the {n_ref_avail} references available")
+        raise ValueError(f"max(k_values)={k_values[-1]} exceeds the {n_ref_avail} references available"
+                         f"{' (database items)' if not loo else ' (other queries, leave-one-out)'}; pass "
+                         f"k_values no larger than {n_ref_avail} (e.g. k_values=(1,)) or use a larger database")
     # "max_bin_count" avoids pml's spurious warning when need == max_bin - 1 (leave-one-out).
     k_arg = "max_bin_count" if need == max_bin - int(loo) else need
 
@@ -177,6 +180,13 @@ def retrieval_metrics(query_embeddings, query_labels, db_embeddings=None, db_lab
     hit = rl[idx] == ql[:, None]
     counts = ref_counts.reindex(ql).fillna(0).to_numpy() - int(loo)
     has_ref = counts > 0
+    if not has_ref.all():
+        lone = np.unique(np.asarray(query_labels)[~has_ref])
+        warnings.warn(f"{int((~has_ref).sum())} of {len(ql)} queries have no possible match: their class "
+                      f"({len(lone)} classes, e.g. {', '.join(map(str, lone[:3]))}) has no "
+                      f"{'other item' if loo else 'database (e.g. training) item'}. Retrieval metrics leave them "
+                      "out; level accuracies count them as misses. Add images of those classes to the database or "
+                      "drop their queries.", stacklevel=2)
     out = {"precision_at_1": float(acc["precision_at_1"])}
     for k in k_values:
         out[f"recall_at_{k}"] = float(hit[has_ref, :k].any(axis=1).mean()) if has_ref.any() else float("nan")

@@ -17,6 +17,7 @@ from PIL import Image
 
 from .data.dataset import CarsDataset
 from .data.hierarchy import parse_class_name
+from .data.images import load_image
 from .embed import embed_batches, resolve_device, square_tensor
 from .ood import knn_scores, threshold_at_tpr
 from .retrieval import KNNIndex, hierarchical_predict
@@ -29,31 +30,36 @@ class CarIdentifier:
     ``database_embeddings`` (L2-normalised) and ``database_labels`` (0-based class indices into
     ``class_table``, one row per class with ``class_name, make, type, model, year``) form the database.
     Identification votes over the ``k`` nearest database images at each level independently
-    (:func:`vericar.retrieval.hierarchical_predict`); the KNN+ score is minus the distance to the
-    ``ood_k``-th nearest database image, and a car is *known* when its score clears the threshold that
+    (:func:`vericar.retrieval.hierarchical_predict`), each neighbour's vote weighted by ``1 / distance``
+    (``weighted=True``, the default), so that a class with fewer than ``k`` images (a car just added from one
+    photo) is not outvoted by farther images of other classes; ``weighted=False`` counts votes. The KNN+
+    score is minus the distance to the ``ood_k``-th nearest database image, and a car is *known* when its score clears the threshold that
     accepts ``tpr`` of the database's own images (leave-one-out), the in-distribution side only.
     """
 
     def __init__(self, model, image_size: int, database_embeddings: np.ndarray, database_labels: np.ndarray,
                  class_table: pd.DataFrame, *, k: int = 5, ood_k: int = 1, tpr: float = 0.95,
-                 device: str = "cpu") -> None:
+                 weighted: bool = True, device: str = "cpu") -> None:
         self.model = model.eval() if model is not None else None
         self.image_size = image_size
         self.device = resolve_device(device)
-        self.k, self.ood_k, self.tpr = k, ood_k, tpr
+        self.k, self.ood_k, self.tpr, self.weighted = _check_k(k, "k"), _check_k(ood_k, "ood_k"), tpr, weighted
         self.class_table = class_table[["class_name", "make", "type", "model", "year"]].reset_index(drop=True)
         self.index = KNNIndex(database_embeddings, np.asarray(database_labels, dtype=np.int64), device=str(self.device))
         self.calibrate()
 
     @classmethod
     def from_run(cls, run: TrainedRun | str | Path, cars: CarsDataset, *, k: int = 5, ood_k: int = 1,
-                 tpr: float = 0.95, device: str = "cpu") -> "CarIdentifier":
-        """An identifier over a trained run's database (its split's ``database`` images)."""
-        run = run if isinstance(run, TrainedRun) else load_run(run, cars)
+                 tpr: float = 0.95, weighted: bool = True, device: str = "cpu") -> "CarIdentifier":
+        """An identifier over a trained run's database (its split's ``database`` images).
+
+        Refuses (:class:`vericar.train.RunConfigError`) a dataset other than the one the run was trained on.
+        """
+        run = load_run(run.path if isinstance(run, TrainedRun) else run, cars)  # checks the data fingerprint
         model = load_model(run, device=device)
         rows = run.split.database
         return cls(model, run.config.image_size, run.embeddings[rows], cars.labels[rows], cars.hierarchy,
-                   k=k, ood_k=ood_k, tpr=tpr, device=device)
+                   k=k, ood_k=ood_k, tpr=tpr, weighted=weighted, device=device)
 
     def calibrate(self) -> float:
         """Set the KNN+ threshold so ``tpr`` of the database's images (leave-one-out) count as known."""
@@ -70,11 +76,15 @@ class CarIdentifier:
 
     def identify(self, images_or_embeddings, k: int | None = None) -> pd.DataFrame:
         """One row per car: predicted ``make, type, model, year, class_name`` with a confidence per level
-        (vote share among the ``k`` neighbours), the KNN+ ``score`` and ``known`` (False: in no database)."""
+        (vote share among the ``k`` neighbours), the KNN+ ``score`` and ``known`` (False: in no database).
+
+        Accepts PIL images, image paths, uint8 image arrays (H x W or H x W x 3), one of these alone, or an
+        (N, D) float array of embeddings."""
         q = self._embeddings(images_or_embeddings)
-        k = min(k or self.k, len(self.index))
+        k = min(self.k if k is None else _check_k(k, "k"), len(self.index))
         distances, neighbours = self.index.search(q, k)
-        pred = hierarchical_predict(self.index.labels[neighbours], distances, self.class_table)
+        pred = hierarchical_predict(self.index.labels[neighbours], distances, self.class_table,
+                                    weighted=self.weighted)
         scores = knn_scores(q, self.index.embeddings, self.ood_k)
         out = pred[["make", "type", "model", "year", "make_confidence", "type_confidence", "model_confidence",
                     "year_confidence"]].copy()
@@ -92,12 +102,17 @@ class CarIdentifier:
         """
         q = self._embeddings(images_or_embeddings)
         names = self.class_table["class_name"].tolist()
+        folded = {n.casefold(): n for n in names}
         if class_name in names:
             index = names.index(class_name)
+        elif class_name.casefold() in folded:
+            raise ValueError(f"{class_name!r} differs from the existing class {folded[class_name.casefold()]!r} "
+                             "only in case; pass that name to add images to it (a new class needs a new name)")
         else:
             label = parse_class_name(class_name)
-            row = {"class_name": class_name, "make": label.make, "type": label.type, "model": label.model,
-                   "year": label.year}
+            makes = {m.casefold(): m for m in self.class_table["make"]}  # "acura ..." is the make "Acura"
+            row = {"class_name": class_name, "make": makes.get(label.make.casefold(), label.make),
+                   "type": label.type, "model": label.model, "year": label.year}
             self.class_table = pd.concat([self.class_table, pd.DataFrame([row])], ignore_index=True)
             index = len(self.class_table) - 1
         self.index.add(q, np.full(len(q), index, dtype=np.int64))
@@ -106,6 +121,49 @@ class CarIdentifier:
         return index
 
     def _embeddings(self, images_or_embeddings) -> np.ndarray:
-        if isinstance(images_or_embeddings, np.ndarray):
-            return images_or_embeddings.astype(np.float32)
-        return self.embed(list(images_or_embeddings))
+        """(N, D) float32 embeddings of a batch of images / paths / image arrays, or of given embeddings."""
+        x, dim = images_or_embeddings, self.index.embeddings.shape[1]
+        if isinstance(x, (str, Path, Image.Image)) or (isinstance(x, np.ndarray) and _is_one_image(x)):
+            x = [x]  # one image
+        if isinstance(x, np.ndarray):
+            if x.ndim == 1 and len(x) == dim:
+                x = x[None]
+            if x.ndim != 2 or x.shape[1] != dim or x.dtype.kind != "f":
+                raise ValueError(f"an array passed as embeddings must be float (N, {dim}); got {x.dtype} "
+                                 f"{x.shape}. Pass images as PIL images, paths or uint8 arrays (H x W x 3)")
+            if not len(x):
+                raise ValueError("nothing to identify: the embedding array is empty")
+            if not np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-2):
+                raise ValueError(f"a float {x.shape} array was passed as embeddings, but its rows are not unit length "
+                                 "as the model's embeddings are. An image? Pass it as uint8 pixels or a PIL image")
+            return x.astype(np.float32)
+        if x is None:
+            raise ValueError("nothing to identify: got None; pass images, paths or embeddings")
+        items = list(x)
+        if not items:
+            raise ValueError("nothing to identify: the list of images is empty")
+        images = []
+        for i, item in enumerate(items):
+            if isinstance(item, (str, Path)):
+                item = load_image(item)
+            elif isinstance(item, np.ndarray):
+                if item.dtype != np.uint8 or not _is_one_image(item):
+                    raise TypeError(f"item {i} of the batch is a {item.dtype} array of shape {item.shape}; an image "
+                                    "array must be uint8, H x W or H x W x 3")
+                item = Image.fromarray(item)
+            if not isinstance(item, Image.Image):
+                raise TypeError(f"item {i} of the batch is {type(item).__name__}, not an image: pass PIL images, "
+                                "image paths or uint8 arrays (H x W x 3), or one (N, D) array of embeddings")
+            images.append(item)
+        return self.embed(images)
+
+
+def _check_k(k, name: str) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"{name} must be a whole number >= 1 (neighbours to use), got {k!r}")
+    return int(k)
+
+
+def _is_one_image(x: np.ndarray) -> bool:
+    """H x W x 3/4 pixels, or uint8 H x W (grayscale), as opposed to an (N, D) array of embeddings."""
+    return (x.ndim == 3 and x.shape[2] in (3, 4)) or (x.ndim == 2 and x.dtype == np.uint8)

@@ -23,7 +23,11 @@ which starves the Multi-Similarity loss. Evaluation always uses the eval transfo
 A run folder holds ``config.json``, ``checkpoint.pt`` (resumable, saved every epoch), ``history.csv``
 (loss, learning rates, metrics per evaluation), ``embeddings.npz`` (trained and frozen-backbone
 embeddings of every image, float16) and ``metrics.json`` (frozen baseline vs trained). Calling
-:func:`train` on a finished run folder with the same config loads it instead of retraining.
+:func:`train` on a finished run folder with the same config loads it instead of retraining, and on an
+interrupted one resumes it; with another config (or other data under the same path: the config records a
+fingerprint of the file list and labels) it refuses, naming the differing fields, unless ``overwrite=True``
+(``--overwrite``). Every file is written atomically and checkpoints load with ``weights_only=True``
+(see :mod:`vericar.runio`).
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ from .embed import (augment, augment_normalized, cached_features, decode_images,
 from .evaluation import evaluate_embeddings
 from .losses import PROXY_LOSSES, level_label_matrix, make_loss
 from .models import build_model, flip_average, split_backbone
+from .runio import (RunFileError, atomic_path, data_fingerprint, load_checkpoint, load_npz, read_json,
+                    save_checkpoint, write_json)
 
 SAMPLERS = ("m_per_class", "shuffle")
 DEFAULT_CACHE = Path.home() / ".cache" / "vericar" / "features"
@@ -154,8 +160,8 @@ class TrainedRun:
     @property
     def model_path(self) -> Path:
         """checkpoint.pt (weights + optimizer, resumable) or, in an exported run, model.pt (weights only)."""
-        ckpt = self.path / "checkpoint.pt"
-        return ckpt if ckpt.is_file() else self.path / "model.pt"
+        ckpt, exported = self.path / "checkpoint.pt", self.path / "model.pt"
+        return exported if exported.is_file() and not ckpt.is_file() else ckpt
 
 
 def seed_everything(seed: int) -> None:
@@ -199,7 +205,7 @@ def _batches(labels: np.ndarray, config: TrainConfig, epoch: int) -> list[np.nda
 
 def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split: Split | None = None,
           train_labels: np.ndarray | None = None, cache_dir: str | Path | None = DEFAULT_CACHE,
-          progress: bool = True, resume: bool = True, callback=None) -> TrainedRun:
+          progress: bool = True, resume: bool = True, overwrite: bool = False, callback=None) -> TrainedRun:
     """Train an embedding model on ``split`` (default: ``config.protocol``'s) and write the run folder.
 
     ``train_labels`` replaces the labels of the training images (0-based class indices, aligned with
@@ -207,6 +213,11 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
     ``cache_dir`` keeps backbone features between cached-mode runs (``None``: a temporary folder).
     ``callback(epoch, record)`` is called after each epoch's checkpoint is written (e.g. to plot live, or
     to stop: an exception raised there leaves a resumable run folder).
+
+    A finished run folder with the same config (and data) is loaded, an interrupted one resumed
+    (``resume=False``: restarted from epoch 0). A run folder holding a finished or interrupted run with another
+    config, or trained on other data, raises :class:`RunConfigError` listing the differences; ``overwrite=True``
+    deletes that run and trains anew. A finished run is never deleted otherwise.
 
     Under DDP (a process group started by :func:`vericar.distributed.init_from_env`, e.g. under torchrun)
     ``config.batch_size`` is the global batch, each rank trains on its slice, and rank 0 alone evaluates,
@@ -217,11 +228,14 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
     ddp = distributed.context()
     progress = progress and ddp.is_main
     split = split if split is not None else split_for(cars, config)
-    config_json = {**config.to_json(), "dataset": cars.name, "data_root": str(cars.root)}
+    config_json = {**config.to_json(), "dataset": cars.name, "data_root": str(cars.root),
+                   "data_fingerprint": data_fingerprint(cars)}
     if ddp.distributed:  # a single-process run's config.json stays as it was
         config_json["world_size"] = ddp.world_size
         distributed.check_batch_size(config.batch_size, config.m_per_class if config.sampler == "m_per_class" else None)
-    if (run_dir / "metrics.json").is_file() and resume and _same_config(run_dir, config_json):
+    _check_sizes(config)
+    state = _existing_run(run_dir, config_json, resume=resume, overwrite=overwrite, is_main=ddp.is_main)
+    if state == "finished":
         return load_run(run_dir, cars)
 
     device = distributed.device_for(resolve_device(config.device))
@@ -237,7 +251,7 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
         # a finished run with another config is being replaced: its results must not outlive it (a crash
         # before the end would otherwise leave the new config.json beside the old run's metrics)
         (run_dir / "metrics.json").unlink(missing_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config_json, indent=2))
+        write_json(run_dir / "config.json", config_json)
 
     labels_all = cars.labels
     y_train = labels_all[split.train] if train_labels is None else np.asarray(train_labels, dtype=np.int64)
@@ -330,15 +344,15 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
     history: list[dict[str, Any]] = []
     start_epoch = 0
     ckpt_path = run_dir / "checkpoint.pt"
-    if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if _same_model(ckpt.get("config") or {}, config_json) and ckpt.get("epoch", 0) < config.epochs:
-            _load_weights(model, ckpt["model"])
-            if proxy_loss:
-                loss_fn.load_state_dict(ckpt["loss"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            history, start_epoch = ckpt["history"], ckpt["epoch"]
+    if state == "resume":
+        ckpt = load_checkpoint(ckpt_path, device, fix=_DAMAGED_CHECKPOINT)
+        _refuse_other_config(run_dir, ckpt.get("config") or {}, config_json, "an interrupted run")
+        _load_weights(model, ckpt["model"])
+        if proxy_loss:
+            loss_fn.load_state_dict(ckpt["loss"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        history, start_epoch = ckpt["history"], ckpt["epoch"]
 
     forward = distributed.wrap_model(distributed.TrainForward(model, tail if cached is not None else None), device)
     train_rows = torch.from_numpy(split.train)
@@ -398,10 +412,10 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
         bar.set_postfix(loss=f"{record['loss']:.3f}", p1=f"{record.get('precision_at_1', float('nan')):.3f}")
         if not ddp.is_main:
             continue  # rank 0 alone checkpoints and calls back
-        torch.save({"model": _model_state(model), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
-                    "config": config_json, "model_config": model.config,
-                    **({"loss": loss_fn.state_dict()} if proxy_loss else {})}, ckpt_path)
+        save_checkpoint({"model": _model_state(model), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
+                         "config": config_json, "model_config": model.config,
+                         **({"loss": loss_fn.state_dict()} if proxy_loss else {})}, ckpt_path)
         if callback is not None:
             callback(epoch + 1, record)
 
@@ -415,15 +429,18 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
                "peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                "images_per_second": images_seen / max(train_seconds, 1e-9), "device": _device_name(device),
                "steps_per_epoch": steps_per_epoch, "train_images": len(split.train)}
-    pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
+    with atomic_path(run_dir / "history.csv") as tmp:
+        pd.DataFrame(history).to_csv(tmp, index=False)
     model.eval()
     pooled = {"pooled": pooled_features().astype(np.float16)} if config.save_pooled else {}
-    np.savez_compressed(run_dir / "embeddings.npz", trained=trained.astype(np.float16),
-                        frozen=frozen.astype(np.float16), labels=labels_all, **pooled, **_split_arrays(split))
+    with atomic_path(run_dir / "embeddings.npz", suffix=".npz") as tmp:
+        np.savez_compressed(tmp, trained=trained.astype(np.float16), frozen=frozen.astype(np.float16),
+                            labels=labels_all, **pooled, **_split_arrays(split))
     if proxy_loss:  # the class vectors: class scores (MSP, max logit, energy) for open-set recognition
-        np.savez(run_dir / "proxies.npz", classes=loss_fn.classes.cpu().numpy(),
-                 proxies=loss_fn.proxies().cpu().numpy(), scale=loss_fn.scale, kind=config.loss)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        with atomic_path(run_dir / "proxies.npz", suffix=".npz") as tmp:
+            np.savez(tmp, classes=loss_fn.classes.cpu().numpy(), proxies=loss_fn.proxies().cpu().numpy(),
+                     scale=loss_fn.scale, kind=config.loss)
+    write_json(run_dir / "metrics.json", metrics)  # last: its presence marks the run finished
     distributed.barrier()
     return load_run(run_dir, cars)
 
@@ -504,14 +521,95 @@ def _split_arrays(split: Split) -> dict[str, np.ndarray]:
 NOT_AFFECTING_THE_MODEL = ("eval_every", "save_pooled")
 
 
+#: Keys that older run folders did not record: compared only where both configs have them.
+RECORDED_SINCE = ("data_fingerprint",)
+#: The files of a run that ``overwrite=True`` deletes before training anew.
+RUN_FILES = ("metrics.json", "embeddings.npz", "history.csv", "checkpoint.pt", "model.pt")
+_DAMAGED_CHECKPOINT = ("Copy the run folder again if it came from elsewhere; or delete the run and train anew "
+                       "(train(..., overwrite=True) / python -m vericar.train ... --overwrite).")
+_DAMAGED_RUN = ("The run was damaged (e.g. an interrupted copy): copy the run folder again, or retrain it "
+                "(train(..., overwrite=True) / python -m vericar.train ... --overwrite).")
+
+
+class RunConfigError(ValueError):
+    """A run folder holds a run of another config or other data; nothing was changed. The message says how."""
+
+
+def _config_diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The fields (but :data:`NOT_AFFECTING_THE_MODEL`) whose values differ: ``{field: (a's, b's)}``."""
+    skip = set(NOT_AFFECTING_THE_MODEL) | {k for k in RECORDED_SINCE if k not in a or k not in b}
+    unset = "<unset>"
+    return {k: (a.get(k, unset), b.get(k, unset)) for k in sorted((set(a) | set(b)) - skip)
+            if a.get(k, unset) != b.get(k, unset)}
+
+
 def _same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    drop = set(NOT_AFFECTING_THE_MODEL)
-    return {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+    return not _config_diff(a, b)
 
 
-def _same_config(run_dir: Path, config_json: dict[str, Any]) -> bool:
-    path = run_dir / "config.json"
-    return path.is_file() and _same_model(json.loads(path.read_text()), config_json)
+def _refuse_other_config(run_dir: Path, stored: dict[str, Any], config_json: dict[str, Any], what: str) -> None:
+    diff = _config_diff(stored, config_json)
+    if not diff:
+        return
+    lines = [f"  data: the file list or labels under {config_json.get('data_root')} are not those the run was "
+             f"trained on (fingerprint {old} in the run, {new} now)" if k == "data_fingerprint"
+             else f"  {k}: {old!r} in the run folder, {new!r} now" for k, (old, new) in diff.items()]
+    raise RunConfigError(f"{run_dir} holds {what} with another config; nothing was changed:\n" + "\n".join(lines)
+                         + "\nUse the run's config to reuse it, choose another run folder, or pass overwrite=True "
+                         "(python -m vericar.train ... --overwrite) to delete this run and train anew.")
+
+
+def _check_sizes(config: TrainConfig) -> None:
+    """Refuse sizes that cannot train (epochs=0 used to leave a run folder that no load_run could read)."""
+    for name, low, hint in (("epochs", 1, "the untrained model's metrics are every run's metrics['frozen']"),
+                            ("image_size", 8, "e.g. 224, the backbones' pretraining size"),
+                            ("batch_size", 2, "e.g. 128")):
+        value = getattr(config, name)
+        if not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be a whole number >= {low}, got {value!r} ({hint})")
+
+
+def _existing_run(run_dir: Path, config_json: dict[str, Any], *, resume: bool, overwrite: bool,
+                  is_main: bool) -> str:
+    """What :func:`train` does with ``run_dir``: ``"finished"`` (load it), ``"resume"`` or ``"fresh"``.
+
+    Raises :class:`RunConfigError` rather than delete or restart a run of another config; with ``overwrite``
+    the old run's files are deleted (by the main process).
+    """
+    if overwrite:
+        if is_main:
+            for name in RUN_FILES:
+                (run_dir / name).unlink(missing_ok=True)
+        return "fresh"
+    finished = (run_dir / "metrics.json").is_file()
+    interrupted = (run_dir / "checkpoint.pt").is_file() and resume
+    if not (finished or interrupted):
+        return "fresh"
+    config_path = run_dir / "config.json"
+    stored = read_json(config_path, "the run's config", _DAMAGED_RUN) if config_path.is_file() else {}
+    _refuse_other_config(run_dir, stored, config_json, "a finished run" if finished else "an interrupted run")
+    if finished and not resume:
+        raise RunConfigError(f"{run_dir} holds a finished run; resume=False would train it again and replace it. "
+                             "Pass overwrite=True (--overwrite) to do so, or choose another run folder.")
+    return "finished" if finished else "resume"
+
+
+def _check_data(run_dir: Path, config_json: dict[str, Any], labels: np.ndarray, cars: CarsDataset) -> None:
+    """Refuse pairing a run's embeddings and metrics with a dataset other than the one it was trained on."""
+    if len(cars) != len(labels):
+        raise RunConfigError(f"{run_dir} was trained on a dataset of {len(labels)} images, not this one "
+                             f"({len(cars)} under {cars.root}): pass the same data_dir")
+    recorded = config_json.get("data_fingerprint")
+    if recorded is None:  # run folders written before fingerprints: the image count is all there is
+        return
+    now = data_fingerprint(cars)
+    if recorded != now:
+        changed = int((np.asarray(labels) != cars.labels).sum())
+        raise RunConfigError(
+            f"{run_dir} was trained on other data than {cars.root} holds now: the file list or labels changed "
+            f"({changed} of {len(labels)} labels differ; fingerprint {recorded} in the run, {now} now). Its "
+            "embeddings and metrics belong to the old data. Restore that data, or retrain on the new data in "
+            "another run folder or with train(..., overwrite=True) / --overwrite.")
 
 
 def load_run(run_dir: str | Path, cars: CarsDataset | None = None) -> TrainedRun:
@@ -522,22 +620,23 @@ def load_run(run_dir: str | Path, cars: CarsDataset | None = None) -> TrainedRun
     if missing:
         raise FileNotFoundError(f"{run_dir} is not a finished training run (missing {missing}); run notebook "
                                 "03_training or `python -m vericar.train` to make it")
-    config_json = json.loads((run_dir / "config.json").read_text())
+    config_json = read_json(run_dir / "config.json", "the run's config", _DAMAGED_RUN)
     config = TrainConfig.from_json(config_json)
-    data = np.load(run_dir / "embeddings.npz")
-    if cars is not None and len(cars) != len(data["labels"]):
-        raise ValueError(f"{run_dir} was trained on a dataset of {len(data['labels'])} images, not this one "
-                         f"({len(cars)}): pass the same data_dir")
+    data = load_npz(run_dir / "embeddings.npz", _DAMAGED_RUN)
+    if cars is not None:
+        _check_data(run_dir, config_json, data["labels"], cars)
     split = Split(config.protocol, train=data["split_train"], database=data["split_database"],
                   query=data["split_query"], ood_query=data["split_ood_query"],
                   ood_database=data["split_ood_database"], heldout_class_ids=data["split_heldout_class_ids"])
     history_path = run_dir / "history.csv"
-    history = pd.read_csv(history_path) if history_path.is_file() else pd.DataFrame()
-    frozen = data["frozen"].astype(np.float32) if "frozen" in data.files else None
-    pooled = data["pooled"].astype(np.float32) if "pooled" in data.files else None
+    has_history = history_path.is_file() and history_path.stat().st_size > 1  # not the empty file of 0 epochs
+    history = pd.read_csv(history_path) if has_history else pd.DataFrame()
+    frozen = data["frozen"].astype(np.float32) if "frozen" in data else None
+    pooled = data["pooled"].astype(np.float32) if "pooled" in data else None
     return TrainedRun(path=run_dir, config=config, history=history,
                       embeddings=data["trained"].astype(np.float32), frozen_features=frozen,
-                      metrics=json.loads((run_dir / "metrics.json").read_text()), split=split, pooled=pooled)
+                      metrics=read_json(run_dir / "metrics.json", "the run's metrics", _DAMAGED_RUN), split=split,
+                      pooled=pooled)
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, frozen: bool = False) -> list[Path]:
@@ -555,27 +654,41 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, frozen: bool = False
     for name in ("config.json", "metrics.json", "history.csv"):
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)
-    ckpt = torch.load(run.model_path, map_location="cpu", weights_only=False)
+    ckpt = _load_run_checkpoint(run)
     weights = {k: (v.half() if v.is_floating_point() else v) for k, v in ckpt["model"].items()}
-    torch.save({"model": weights, "config": ckpt.get("config"), "model_config": ckpt.get("model_config"),
-                "epoch": ckpt.get("epoch")}, out / "model.pt")
-    arrays = {"trained": run.embeddings.astype(np.float16), "labels": np.load(src / "embeddings.npz")["labels"],
+    save_checkpoint({"model": weights, "config": ckpt.get("config"), "model_config": ckpt.get("model_config"),
+                     "epoch": ckpt.get("epoch")}, out / "model.pt")
+    arrays = {"trained": run.embeddings.astype(np.float16), "labels": load_npz(src / "embeddings.npz")["labels"],
               **_split_arrays(run.split)}
     if frozen:
         arrays["frozen"] = run.frozen.astype(np.float16)
-    np.savez_compressed(out / "embeddings.npz", **arrays)
+    with atomic_path(out / "embeddings.npz", suffix=".npz") as tmp:
+        np.savez_compressed(tmp, **arrays)
     return sorted(out.iterdir())
 
 
 def load_model(run: TrainedRun | str | Path, device: str = "cpu"):
     """The trained :class:`~vericar.models.EmbeddingModel` of a run folder, in eval mode."""
     run = run if isinstance(run, TrainedRun) else load_run(run)
-    ckpt = torch.load(run.model_path, map_location="cpu", weights_only=False)
+    ckpt = _load_run_checkpoint(run)
     cfg = run.config
     model = build_model(cfg.backbone, cfg.embedding_dim, pretrained=False, dropout=cfg.dropout,
                         hidden_dim=cfg.hidden_dim, flip_tta=cfg.flip_tta)  # every weight comes from the checkpoint
     _load_weights(model, ckpt["model"])
     return model.to(resolve_device(device)).eval()
+
+
+def model_file(run: TrainedRun) -> Path:
+    """The file holding a run's weights (checkpoint.pt, or model.pt in an exported run); raises if neither is."""
+    if not run.model_path.is_file():
+        raise RunFileError(f"{run.path} has no checkpoint.pt (a training run) nor model.pt (an exported run), so "
+                           "no model weights; copy the run folder again with its checkpoint.pt, or retrain it")
+    return run.model_path
+
+
+def _load_run_checkpoint(run: TrainedRun) -> dict[str, Any]:
+    """The weights of a finished run, loaded safely (tensors and plain data only)."""
+    return load_checkpoint(model_file(run), "cpu", fix=_DAMAGED_CHECKPOINT)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -585,6 +698,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default="data/synthcars")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete a finished or interrupted run of another config in --run-dir and train anew")
     for f in dataclasses.fields(TrainConfig):
         if f.name == "loss_kwargs":
             continue
@@ -601,9 +716,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with distributed.main_first():  # rank 0 generates SynthCars on first use, the others then open it
             cars = open_dataset(args.pop("dataset"), args.pop("data_dir"), progress=ddp.is_main)
-        run_dir, cache_dir = args.pop("run_dir"), args.pop("cache_dir")
+        run_dir, cache_dir, overwrite = args.pop("run_dir"), args.pop("cache_dir"), args.pop("overwrite")
         config = TrainConfig(**args)
-        run = train(cars, config, run_dir, cache_dir=cache_dir)
+        run = train(cars, config, run_dir, cache_dir=cache_dir, overwrite=overwrite)
         if ddp.is_main:
             print(json.dumps({"frozen": run.metrics["frozen"], "trained": run.metrics["trained"],
                               "train_seconds": run.metrics["train_seconds"]}, indent=2))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,7 +101,8 @@ def validate_table(table: pd.DataFrame, class_names: list[str], root: Path, *,
     """Check a label table against its class list and the files on disk; raise :class:`DataError` on problems.
 
     Nothing is dropped or relabelled silently: unknown or missing class ids, names that disagree with
-    ``class_names``, duplicated or missing files and classes without any image are all errors.
+    ``class_names``, duplicated or missing files, paths leading outside ``root`` (absolute, or climbing out
+    with ``..``) and classes without any image are all errors.
     """
     missing_cols = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing_cols:
@@ -122,6 +125,12 @@ def validate_table(table: pd.DataFrame, class_names: list[str], root: Path, *,
     bad_split = ~table["split"].isin(["train", "test"])
     if bad_split.any():
         raise DataError(f"split must be 'train' or 'test'; found {sorted(table['split'][bad_split].unique())[:5]}")
+    outside = _outside_root(table["filename"])
+    if outside.any():
+        bad_names = ", ".join(repr(f) for f in table["filename"][outside][:5])
+        raise DataError(f"{outside.sum()} paths in the labels for {root} point outside the data folder, e.g. "
+                        f"{bad_names}; they are not read. Give every filename relative to {root}, inside it "
+                        "(no absolute paths, no '..').")
     dup = table["filename"].duplicated()
     if dup.any():
         raise DataError(f"{dup.sum()} files are listed twice, e.g. {table['filename'][dup].iloc[0]}")
@@ -138,3 +147,13 @@ def validate_table(table: pd.DataFrame, class_names: list[str], root: Path, *,
         raise DataError(f"{len(empty)} classes have no images under {root}: {names}. Add images, drop those "
                         "classes from the class list, or pass allow_empty_classes=True.")
     return table
+
+
+def _outside_root(filenames: pd.Series) -> np.ndarray:
+    """Which relative paths leave their folder: absolute, or climbing above it with ``..`` (checked on the
+    names, without touching the disk; a symbolic link inside the folder is the owner's choice and is followed)."""
+    def leaves(name: str) -> bool:
+        norm = os.path.normpath(str(name))
+        return (os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep)
+                or bool(re.match(r"^[A-Za-z]:", norm)))  # a Windows drive
+    return np.fromiter((leaves(f) for f in filenames), bool, len(filenames))

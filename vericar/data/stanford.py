@@ -14,8 +14,8 @@ Layouts (detected from the folder's contents):
     The single-file layout of metric-learning repositories: ``car_ims/`` + ``cars_annos.mat``
     (``relative_im_path``, box, ``class``, ``test``).
 ``folders``
-    One folder per class under ``train/`` and ``test/`` (e.g. ``train/BMW M3 Coupe 2012/xyz.jpg``); class ids
-    are the sorted class names, 1..C.
+    One folder per class under ``train/`` and ``test/`` (e.g. ``train/BMW M3 Coupe 2012/xyz.jpg``, or deeper in
+    subfolders of the class folder); class ids are the sorted class names, 1..C.
 """
 
 from __future__ import annotations
@@ -83,7 +83,12 @@ def _read_compact(root: Path) -> tuple[pd.DataFrame, list[str]]:
         raise DataError(f"cannot read {root / 'labels.csv'}: {err}") from err
     names_file = root / "class_names.txt"
     if names_file.is_file():
-        class_names = [line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = names_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{names_file} is not UTF-8 text ({err}); save it as UTF-8, e.g. "
+                            f"iconv -f latin1 -t utf-8 (its names must match labels.csv)") from err
+        class_names = [line.strip() for line in text.splitlines() if line.strip()]
     elif {"class_id", "class_name"} <= set(table.columns):
         pairs = table[["class_id", "class_name"]].drop_duplicates().sort_values("class_id")
         if list(pairs["class_id"]) != list(range(1, len(pairs) + 1)):
@@ -103,9 +108,18 @@ def _find(root: Path, filename: str) -> Path | None:
     return None
 
 
+def _loadmat(path: str | Path) -> dict:
+    """``scipy.io.loadmat``, with a damaged or foreign file reported by name."""
+    try:
+        return scipy.io.loadmat(path)
+    except Exception as err:  # scipy raises ValueError, TypeError, OSError, MatReadError ... on bad files
+        raise DataError(f"cannot read the MATLAB file {path} ({type(err).__name__}: {err}); it is damaged or not "
+                        "a Stanford Cars devkit file. Download it again (see README, 'Real data').") from err
+
+
 def read_class_names(meta_mat: str | Path) -> list[str]:
     """The class names of a devkit ``cars_meta.mat`` (or ``cars_annos.mat``), in class-id order."""
-    mat = scipy.io.loadmat(meta_mat)
+    mat = _loadmat(meta_mat)
     if "class_names" not in mat:
         raise DataError(f"{meta_mat} has no 'class_names' field; is it the devkit's cars_meta.mat?")
     return [str(np.asarray(v).ravel()[0]) for v in mat["class_names"].ravel()]
@@ -117,7 +131,7 @@ def read_devkit_annotations(annos_mat: str | Path, *, labelled: bool = True) -> 
     With ``labelled=True`` (the default) a file without a ``class`` field is refused: the devkit's
     ``cars_test_annos.mat`` has five fields (box + fname) and no label.
     """
-    mat = scipy.io.loadmat(annos_mat)
+    mat = _loadmat(annos_mat)
     if "annotations" not in mat:
         raise DataError(f"{annos_mat} has no 'annotations' field; is it a Stanford Cars devkit annotation file?")
     annos = mat["annotations"].ravel()
@@ -178,7 +192,9 @@ def _names_for(class_ids: pd.Series, class_names: list[str]) -> list[str]:
 def _read_car_ims(root: Path) -> tuple[pd.DataFrame, list[str]]:
     mat_path = root / "cars_annos.mat"
     class_names = read_class_names(mat_path)
-    mat = scipy.io.loadmat(mat_path)
+    mat = _loadmat(mat_path)
+    if "annotations" not in mat:
+        raise DataError(f"{mat_path} has no 'annotations' field; is it the cars_annos.mat of the car_ims layout?")
     annos = mat["annotations"].ravel()
     fields = annos.dtype.names or ()
     needed = {"relative_im_path", "class", "test"}
@@ -211,8 +227,8 @@ def _read_folders(root: Path) -> tuple[pd.DataFrame, list[str]]:
             folder = root / split / name
             if not folder.is_dir():
                 continue
-            for f in sorted(folder.iterdir()):
-                if f.suffix.lower() in IMAGE_SUFFIXES:
-                    rows.append((f"{split}/{name}/{f.name}", split, class_id, name))
+            for f in sorted(folder.rglob("*")):  # images in subfolders of a class folder belong to it
+                if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
+                    rows.append((f.relative_to(root).as_posix(), split, class_id, name))
     table = pd.DataFrame(rows, columns=["filename", "split", "class_id", "class_name"])
     return table, class_names

@@ -8,6 +8,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .dataset import CarsDataset
+from .images import to_rgb
 
 
 def class_counts(cars: CarsDataset) -> pd.DataFrame:
@@ -60,6 +61,7 @@ def scan_images(cars: CarsDataset, hash_size: int = 8, progress: bool = True) ->
                 box = cars.bbox(i)
                 if box is not None and box != (0, 0, *im.size):
                     im = im.crop(box)
+                im = to_rgb(im)  # upright, as every loader sees it
                 h = imagehash.dhash(im.convert("L"), hash_size=hash_size)
                 rows.append((im.size[0], im.size[1], mode, int(np.packbits(h.hash.ravel()).view(">u8")[0])
                              if hash_size == 8 else str(h), ""))
