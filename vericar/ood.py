@@ -169,35 +169,15 @@ def knn_distances(
     return out
 
 
-def knn_scores(
-    queries,
-    database,
-    k: int,
-    *,
-    normalize: bool = True,
-    exclude_self: bool = False,
-    chunk_size: int = 4096,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> np.ndarray:
+def knn_scores(queries, database, k: int, **kwargs) -> np.ndarray:
     """KNN+ score: minus the distance to the ``k``-th nearest database neighbour (higher = more ID).
 
     With ``normalize=True`` (default) this is KNN+ of Sun et al. (2022); ``normalize=False, k=1`` is the
-    unnormalised 1-NN distance baseline.  See :func:`knn_distances` for the parameters.
+    unnormalised 1-NN distance baseline.  Keyword arguments as :func:`knn_distances`.
 
     Returns a float64 array of shape ``(m,)``.
     """
-    dist = knn_distances(
-        queries,
-        database,
-        k,
-        normalize=normalize,
-        exclude_self=exclude_self,
-        chunk_size=chunk_size,
-        device=device,
-        dtype=dtype,
-    )
-    return -dist[:, int(k) - 1]
+    return -knn_distances(queries, database, k, **kwargs)[:, int(k) - 1]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -307,16 +287,14 @@ def sweep_k(
     ks: Iterable[int] = (1, 2, 5, 10, 20, 50),
     *,
     tpr: float = 0.95,
-    normalize: bool = True,
     exclude_self: bool = False,
-    chunk_size: int = 4096,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    **kwargs,
 ) -> pd.DataFrame:
     """KNN+ metrics for several ``k``; the sorted neighbour distances are computed once for ``max(ks)``.
 
     ``exclude_self`` applies to ``queries_id`` only (leave-one-out: they must be the database itself);
-    OOD queries are never in the database.  Returns a DataFrame with one row per ``k`` (in the order
+    OOD queries are never in the database. Other keyword arguments (``normalize``, ``chunk_size``,
+    ``device``, ``dtype``) as :func:`knn_distances`.  Returns a DataFrame with one row per ``k`` (in the order
     given) and columns ``k, fpr95, auroc, aupr, aupr_out, threshold, tpr``.
     """
     ks = [int(k) for k in ks]
@@ -325,9 +303,8 @@ def sweep_k(
     kmax = max(ks)
     if min(ks) < 1:
         raise ValueError(f"every k must be >= 1, got {ks}")
-    common = dict(normalize=normalize, chunk_size=chunk_size, device=device, dtype=dtype)
-    d_id = knn_distances(queries_id, database, kmax, exclude_self=exclude_self, **common)
-    d_ood = knn_distances(queries_ood, database, kmax, exclude_self=False, **common)
+    d_id = knn_distances(queries_id, database, kmax, exclude_self=exclude_self, **kwargs)
+    d_ood = knn_distances(queries_ood, database, kmax, exclude_self=False, **kwargs)
     rows = []
     for k in ks:
         m = ood_metrics(-d_id[:, k - 1], -d_ood[:, k - 1], tpr=tpr)

@@ -157,14 +157,8 @@ def hierarchy_error_depth_figure(depths: pd.DataFrame, *, title: str = ""):
         shares = [float(v) if not pd.isna(v) else 0.0 for v in d.loc[(p, l), depth_cols]]
         _stacked_shares(ax, y, shares, colours, depth_cols if i == 0 else None, min_label=0.05, height=0.8)
         y += 1.0
-    ax.set_yticks(ticks, labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("share of the queries whose class is wrong")
-    ax.legend(ncol=len(depth_cols), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
-    ax.set_title(title or "class wrong: how far down the hierarchy is the answer still right?", pad=24)
-    fig.tight_layout()
-    return fig
+    return _finish_share_bars(fig, ax, ticks, labels, "share of the queries whose class is wrong", len(depth_cols),
+                              title or "class wrong: how far down the hierarchy is the answer still right?")
 
 
 def hierarchy_loss_shares_figure(shares: pd.DataFrame, *, levels: Sequence[str] = ("make", "type", "model", "year"),
@@ -179,11 +173,18 @@ def hierarchy_loss_shares_figure(shares: pd.DataFrame, *, levels: Sequence[str] 
         _stacked_shares(ax, y, [float(row[level]) for level in levels],
                         [_LEVEL_COLOURS.get(level, "0.5") for level in levels], list(levels) if y == 0 else None,
                         min_label=0.06)
-    ax.set_yticks(np.arange(len(shares)), shares["label"], fontsize=8)
+    return _finish_share_bars(fig, ax, np.arange(len(shares)), shares["label"],
+                              "share of the loss (and its gradient) supplied by each level's own MS loss",
+                              len(levels), title or "what the min/max constraint leaves of each level")
+
+
+def _finish_share_bars(fig, ax, ticks, labels, xlabel: str, legend_columns: int, title: str):
+    """Row labels, a 0-1 axis, the legend above the plot and the title: the end of both stacked-share figures."""
+    ax.set_yticks(ticks, labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
-    ax.set_xlabel("share of the loss (and its gradient) supplied by each level's own MS loss")
-    ax.legend(ncol=len(levels), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
-    ax.set_title(title or "what the min/max constraint leaves of each level", pad=24)
+    ax.set_xlabel(xlabel)
+    ax.legend(ncol=legend_columns, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax.set_title(title, pad=24)
     fig.tight_layout()
     return fig
