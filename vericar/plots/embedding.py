@@ -48,7 +48,7 @@ def umap_grid_figure(maps: dict[str, np.ndarray], colours: pd.DataFrame, *, make
     ----------
     maps : {stage name: (N, 2) coordinates}, the same N points in every map.
     colours : DataFrame (N rows) with ``make`` (already reduced to the top makes + ``other``, see
-        :func:`vericar.embedding_analysis.top_n_labels`), ``type`` and ``year``.
+        :func:`vericar.analyses.embeddings.top_n_labels`), ``type`` and ``year``.
     make_order : the coloured makes in legend order (default: by number of points); others are ``other``.
     point_size : marker area; by default larger for fewer points.
     """
@@ -124,7 +124,7 @@ def open_world_map_figure(maps: dict[str, np.ndarray], heldout, *, point_size: f
 def purity_figure(table: pd.DataFrame, *, title: str = ""):
     """Neighbourhood purity (with chance level) and cosine silhouette per level, one bar per stage.
 
-    ``table``: :func:`vericar.embedding_analysis.embedding_quality`'s long table (``stage, level, purity,
+    ``table``: :func:`vericar.analyses.embeddings.embedding_quality`'s long table (``stage, level, purity,
     chance, silhouette``).
     """
     has_sil = "silhouette" in table and table["silhouette"].notna().any()

@@ -80,7 +80,7 @@ def level_accuracy_figure(table: pd.DataFrame, *, title: str = ""):
 def confusion_structure_figure(structures: dict[str, pd.DataFrame], n_queries: dict[str, int], *, title: str = ""):
     """One horizontal bar per stage: the share of queries correct and wrong by kind of confusion.
 
-    ``structures``: {stage: :func:`vericar.error_analysis.confusion_structure` table};
+    ``structures``: {stage: :func:`vericar.analyses.errors.confusion_structure` table};
     ``n_queries``: {stage: number of queries}.
     """
     stages = list(structures)

@@ -36,7 +36,7 @@ def _color(verdict: str) -> str:
 def gradient_norms_figure(report: pd.DataFrame, title: str = ""):
     """Loss value and gradient norm reaching the backbone and the head, per accumulation variant, on one batch.
 
-    ``report``: :func:`vericar.reproductions.gradient_verdicts` of :func:`vericar.losses.gradient_report`
+    ``report``: :func:`vericar.analyses.gradient_bug.gradient_verdicts` of :func:`vericar.losses.gradient_report`
     (needs ``verdict``). Bars coloured by verdict; a variant with no gradient is marked "0", one that raises
     "raises".
     """
@@ -73,8 +73,8 @@ def comparison_curves_figure(histories: pd.DataFrame, outcomes: pd.DataFrame, me
                              groups: Sequence[Sequence[str]] | None = None, group_titles: Sequence[str] = ()):
     """Training loss (left) and ``metric`` (right) per epoch, one row per family of variants.
 
-    ``histories``: :meth:`vericar.reproductions.Comparison.histories`; ``outcomes``:
-    :func:`vericar.reproductions.classify_outcomes` (the legend gives each verdict; references are drawn last,
+    ``histories``: :meth:`vericar.analyses.gradient_bug.Comparison.histories`; ``outcomes``:
+    :func:`vericar.analyses.gradient_bug.classify_outcomes` (the legend gives each verdict; references are drawn last,
     dashed black, so that identical curves stay visible). ``groups``: lists of variant names per row (default:
     loss accumulation / other suspects / evaluation, each with its reference).
     """

@@ -1,7 +1,7 @@
 """Hierarchy ablation figures (notebook 07): MS vs HiMS-Min vs HiMS-Max, level by level.
 
 Every figure takes tidy tables (one row per loss x panel x level) built by the notebook from
-:mod:`vericar.ablation`; a *panel* is a protocol or a query set such as "open-world, held-out models".
+:mod:`vericar.analyses.hierarchy`; a *panel* is a protocol or a query set such as "open-world, held-out models".
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def hierarchy_difference_figure(comparison: pd.DataFrame, *, baseline: str = "MS
     """Paired difference of each variant's accuracy from the baseline's, per level and panel, with 95% CIs.
 
     ``comparison`` columns: ``panel``, ``loss`` (variant), ``level``, ``diff``, ``ci_low``, ``ci_high``,
-    ``significant`` (bool; filled markers), as built from :func:`vericar.ablation.compare_variants`.
+    ``significant`` (bool; filled markers), as built from :func:`vericar.analyses.hierarchy.compare_variants`.
     Points right of zero: the variant is more often right at that level than the baseline.
     """
     from matplotlib.lines import Line2D
@@ -136,7 +136,7 @@ def hierarchy_error_depth_figure(depths: pd.DataFrame, *, title: str = ""):
     """When the class is wrong, how much is still right: stacked bars per loss, grouped by panel.
 
     ``depths`` columns: ``panel``, ``loss``, ``n`` (class-wrong queries) and one column per depth label in
-    coarse-to-fine order (:data:`vericar.ablation.DEPTH_LABELS` values), shares summing to 1.
+    coarse-to-fine order (:data:`vericar.analyses.hierarchy.DEPTH_LABELS` values), shares summing to 1.
     """
     depth_cols = [c for c in depths.columns if c not in ("panel", "loss", "n")]
     panels = list(dict.fromkeys(depths["panel"]))
@@ -166,7 +166,7 @@ def hierarchy_loss_shares_figure(shares: pd.DataFrame, *, levels: Sequence[str] 
     """Which raw level loss the constrained hierarchical loss is made of: stacked bars per row of ``shares``.
 
     ``shares`` columns: ``label`` (row name, e.g. "HiMS-Min | seed"), one share column per level (summing to
-    1, from :func:`vericar.ablation.effective_level_weights`) and optional ``binding``.
+    1, from :func:`vericar.analyses.hierarchy.effective_level_weights`) and optional ``binding``.
     """
     fig, ax = plt.subplots(figsize=(9, 1.1 + 0.36 * len(shares)))
     for y, (_, row) in enumerate(shares.iterrows()):

@@ -147,7 +147,7 @@ def method_comparison_figure(table: pd.DataFrame, names: Mapping[str, str] | Non
 def add_classes_figure(df: pd.DataFrame, title: str = ""):
     """Adding held-out classes to the database without retraining, one panel per holdout.
 
-    ``df`` rows from :func:`vericar.openworld.add_classes_experiment` plus a ``holdout`` column. x: shots
+    ``df`` rows from :func:`vericar.analyses.open_world.add_classes_experiment` plus a ``holdout`` column. x: shots
     per new class; lines: known-class P@1 before and after, new-class P@1, share of new-class queries now
     accepted as known; error bars: standard deviation over the shot-sampling seeds.
     """

@@ -1,4 +1,4 @@
-"""Tests of vericar.ablation on a hand-built world of points on the unit circle (every number worked out here)."""
+"""Tests of vericar.analyses.hierarchy on a hand-built world of points on the unit circle (every number worked out here)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy.stats import binomtest
 
-from vericar import ablation
-from vericar.ablation import (DEPTH_LABELS, _sources, base_config, compare_variants, effective_level_weights,
+from vericar.analyses import hierarchy as ablation
+from vericar.analyses.hierarchy import (DEPTH_LABELS, _sources, base_config, compare_variants, effective_level_weights,
                               error_depth, grid_configs, holm, level_outcomes, outcome_metrics, paired_comparison,
                               run_folder, train_grid)
 from vericar.data.splits import Split
@@ -280,7 +280,7 @@ def test_train_grid_folders(monkeypatch, tmp_path):
 def test_heldout_level_table_counts_only_eligible_queries():
     import pandas as pd
 
-    from vericar.ablation import heldout_level_table
+    from vericar.analyses.hierarchy import heldout_level_table
 
     o = pd.DataFrame({"known_make": [True, True, True, False], "correct_make": [True, True, False, False],
                       "known_type": [True, False, False, False], "correct_type": [True, False, False, False]})

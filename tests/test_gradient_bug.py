@@ -1,4 +1,4 @@
-"""vericar.reproductions: the label corruption, batch coverage, the comparison grid and the verdicts of notebook 02."""
+"""vericar.analyses.gradient_bug: the label corruption, batch coverage, the comparison grid and the verdicts of notebook 02."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from vericar import plots
 from vericar.losses import (ACCUMULATION_VARIANTS, GRAPH_CUTTING_VARIANTS, GRAPH_PRESERVING_VARIANTS,
                             RAISING_VARIANTS, gradient_report, make_loss)
 from vericar.models import build_model
-from vericar.reproductions import (SUSPECTS, Comparison, Variant, class_subset, classify_outcomes,
+from vericar.analyses.gradient_bug import (SUSPECTS, Comparison, Variant, class_subset, classify_outcomes,
                                    comparison_variants, corrupted_test_accuracy, expected_gradient_verdict,
                                    gradient_verdicts, label_corruption_summary, positive_coverage, real_batch,
                                    run_comparison, unlabelled_test_file_labels, verdict_groups)

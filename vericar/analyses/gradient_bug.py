@@ -50,13 +50,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import CarsDataset, Split, make_split
-from .losses import ACCUMULATION_VARIANTS, GRAPH_CUTTING_VARIANTS, GRAPH_PRESERVING_VARIANTS, RAISING_VARIANTS
-from .metrics import wilson_interval
-from .retrieval import KNNIndex
+from ..data import CarsDataset, Split, make_split
+from ..losses import ACCUMULATION_VARIANTS, GRAPH_CUTTING_VARIANTS, GRAPH_PRESERVING_VARIANTS, RAISING_VARIANTS
+from ..metrics import wilson_interval
+from ..retrieval import KNNIndex
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
+    from ..train import TrainConfig
 
 __all__ = [
     "CORRUPTION_MODES",
@@ -221,7 +221,7 @@ def positive_coverage(labels, batch_size: int, sampler: str = "m_per_class", m_p
     ``MPerClassSampler``), over ``epochs`` epochs. An anchor without a positive contributes only the negative
     term of the MS loss: nothing pulls it towards its class.
     """
-    from .train import TrainConfig, _batches
+    from ..train import TrainConfig, _batches
 
     labels = np.asarray(labels, dtype=np.int64)
     config = TrainConfig(batch_size=batch_size, sampler=sampler, m_per_class=m_per_class, seed=seed)
@@ -243,7 +243,7 @@ def real_batch(cars: CarsDataset, rows, spec, image_size: int, *, n_classes: int
     ``m_per_class`` images each, decoded at ``image_size`` and normalised for the backbone ``spec`` (eval
     transform: resize, no augmentation). ``labels`` are 0-based class indices.
     """
-    from .embed import decode_images, normalize
+    from ..embed import decode_images, normalize
 
     rows = np.asarray(rows, dtype=np.int64)
     labels = cars.labels[rows]
@@ -391,7 +391,7 @@ def run_comparison(cars: CarsDataset, variants: Sequence[Variant], base: "TrainC
     training rows as ``train_labels``. A run that raises (``accum:inplace_leaf`` does, at its first step) is
     recorded in ``errors`` with PyTorch's message; the others go on.
     """
-    from .train import DEFAULT_CACHE, split_for, train
+    from ..train import DEFAULT_CACHE, split_for, train
 
     run_dir = Path(run_dir)
     runs: dict[str, Any] = {}

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from vericar.data import Split
-from vericar.openset import GROUPS, class_logits, evaluate, group_rows, oscr, scores
+from vericar.analyses.open_set import GROUPS, class_logits, evaluate, group_rows, oscr, scores
 
 
 def test_oscr_hand_cases():

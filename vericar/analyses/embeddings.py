@@ -45,8 +45,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import silhouette_score
 
-from .data.hierarchy import LEVELS, level_keys
-from .retrieval import KNNIndex, l2_normalize
+from ..data.hierarchy import LEVELS, level_keys
+from ..retrieval import KNNIndex, l2_normalize
 
 __all__ = [
     "chance_purity",

@@ -1,4 +1,4 @@
-"""Tests of vericar.embedding_analysis: purity, chance, silhouette, labels, sampling, UMAP wrapper."""
+"""Tests of vericar.analyses.embeddings: purity, chance, silhouette, labels, sampling, UMAP wrapper."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from conftest import unit_circle
 from vericar.data.hierarchy import hierarchy_table
-from vericar.embedding_analysis import (chance_purity, embedding_quality, label_table, neighbour_agreement,
+from vericar.analyses.embeddings import (chance_purity, embedding_quality, label_table, neighbour_agreement,
                                         neighbourhood_purity, silhouette_cosine, stratified_sample, top_n_labels,
                                         umap_2d)
 

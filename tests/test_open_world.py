@@ -1,4 +1,4 @@
-"""Tests for vericar.openworld: validation k choice, baselines, adding classes without retraining."""
+"""Tests for vericar.analyses.open_world: validation k choice, baselines, adding classes without retraining."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from vericar.data import Split
-from vericar.openworld import (
+from vericar.analyses.open_world import (
     METHODS,
     add_classes_experiment,
     choose_k,

@@ -29,11 +29,11 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from .data.dataset import CarsDataset
-from .data.hierarchy import LEVELS, level_keys
-from .data.splits import Split
-from .metrics import grouped_accuracy, level_accuracy, wilson_interval
-from .retrieval import KNNIndex, l2_normalize
+from ..data.dataset import CarsDataset
+from ..data.hierarchy import LEVELS, level_keys
+from ..data.splits import Split
+from ..metrics import grouped_accuracy, level_accuracy, wilson_interval
+from ..retrieval import KNNIndex, l2_normalize
 
 __all__ = [
     "CONFUSION_KINDS",

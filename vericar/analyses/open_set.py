@@ -29,8 +29,8 @@ import torch
 from scipy.special import logsumexp, softmax
 from scipy.stats import bootstrap
 
-from .data.splits import Split
-from .ood import knn_scores, ood_metrics
+from ..data.splits import Split
+from ..ood import knn_scores, ood_metrics
 
 __all__ = ["GROUPS", "SCORES", "class_logits", "evaluate", "group_rows", "oscr", "scores", "ssb_evaluation"]
 
@@ -88,7 +88,7 @@ def scores(embeddings: np.ndarray, labels: np.ndarray, split: Split, *, k: int, 
         return full
 
     nn_pred = np.full(n, -1)
-    from .retrieval import KNNIndex  # the one exact K-NN layer
+    from ..retrieval import KNNIndex  # the one exact K-NN layer
 
     index = KNNIndex(embeddings[db], labels[db], device=device)
     _, idx = index.search(embeddings[split.query], 1)
@@ -165,11 +165,11 @@ def ssb_evaluation(cars, run, ssb: pd.DataFrame, *, ks, pseudo_ood_fraction: flo
     """Every score of :data:`SCORES` that ``run`` supports, evaluated on its ``ssb`` split.
 
     KNN+'s k is chosen on a validation split of the *training* images only
-    (:func:`vericar.openworld.validation_sweep`: some known classes play the unknowns), for the embedding and
+    (:func:`vericar.analyses.open_world.validation_sweep`: some known classes play the unknowns), for the embedding and
     for the pooled features apart. Returns ``table`` (:func:`evaluate`), ``scores``, ``correct``, ``groups``,
     ``k``, ``k_pooled`` and ``has_logits``.
     """
-    from .openworld import choose_k, validation_sweep
+    from .open_world import choose_k, validation_sweep
 
     if run.split.protocol != "ssb":
         raise ValueError(f"{run.path} was trained with protocol {run.split.protocol!r}, not 'ssb'")

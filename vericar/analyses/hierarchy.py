@@ -61,10 +61,10 @@ import torch
 from scipy.stats import binomtest, norm
 from statsmodels.stats.multitest import multipletests
 
-from .data.hierarchy import LEVELS, level_keys
-from .data.splits import Split
-from .losses import HierarchicalMSLoss, level_label_matrix
-from .retrieval import KNNIndex, hierarchical_predict
+from ..data.hierarchy import LEVELS, level_keys
+from ..data.splits import Split
+from ..losses import HierarchicalMSLoss, level_label_matrix
+from ..retrieval import KNNIndex, hierarchical_predict
 
 __all__ = [
     "ABLATION_LOSSES",
@@ -102,7 +102,7 @@ def base_config(reference: str | Path | None = None, **overrides):
     does not exist, the :class:`TrainConfig` defaults are the base.  Returns ``(config, source)``, ``source``
     being the config file read or ``None``.
     """
-    from .train import TrainConfig
+    from ..train import TrainConfig
 
     source = None
     data: dict = {}
@@ -125,7 +125,7 @@ def grid_configs(base, losses: Iterable[str], protocols: Iterable[str], *,
     ``hierarchical_kwargs`` (e.g. ``{"order": "coarse_to_fine"}``, ``{"level_weights": [...]}``) go to the
     losses that take level labels (``hims_*``, ``seed_hier_clamp``); flat losses keep ``base.loss_kwargs``.
     """
-    from .losses import make_loss
+    from ..losses import make_loss
 
     out = {}
     for loss in losses:
@@ -147,7 +147,7 @@ def train_grid(cars, configs: Mapping[tuple[str, str], object], models_dir: str 
 
     Returns ``{(loss, protocol): TrainedRun}`` in the order of ``configs``.
     """
-    from .train import train
+    from ..train import train
 
     return {(loss, protocol): train(cars, config, run_folder(models_dir, loss, protocol, prefix),
                                     progress=progress, **train_kwargs)
@@ -258,7 +258,7 @@ def heldout_level_table(ood_outcomes: Mapping[tuple, pd.DataFrame], names: Mappi
     over the queries whose true label at that level exists in the database (``eligible``), with a Wilson
     interval, and over all held-out queries (``accuracy_all_ood``). Keys of ``ood_outcomes`` are
     ``(loss, protocol)``; ``names`` maps a loss to its display name."""
-    from .metrics import wilson_interval
+    from ..metrics import wilson_interval
 
     rows = []
     for (loss, _protocol), o in ood_outcomes.items():

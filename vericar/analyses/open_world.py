@@ -54,9 +54,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from .metrics import wilson_interval
-from .ood import knn_distances, knn_scores, max_softmax_scores, ood_metrics, sweep_k, threshold_at_tpr
-from .retrieval import KNNIndex
+from ..metrics import wilson_interval
+from ..ood import knn_distances, knn_scores, max_softmax_scores, ood_metrics, sweep_k, threshold_at_tpr
+from ..retrieval import KNNIndex
 
 __all__ = [
     "METHODS",

@@ -1,4 +1,4 @@
-"""Tests of vericar.error_analysis on a hand-built dataset whose every number is worked out below."""
+"""Tests of vericar.analyses.errors on a hand-built dataset whose every number is worked out below."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from vericar.data.dataset import CarsDataset
 from vericar.data.splits import Split
-from vericar.error_analysis import (CONFUSION_KINDS, binned_accuracy, check_claims, class_size_table, confused_pairs,
+from vericar.analyses.errors import (CONFUSION_KINDS, binned_accuracy, check_claims, class_size_table, confused_pairs,
                                     confusion_kind, confusion_structure, group_accuracy_tables, image_widths,
                                     level_correct, level_table, near_duplicate_errors, nearest_neighbour_table,
                                     pair_examples, similar_model_classes, spearman, verdict)
