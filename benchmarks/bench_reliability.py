@@ -10,7 +10,7 @@ from PIL import Image
 from vericar.data import open_dataset
 from vericar.runio import data_fingerprint, save_checkpoint, load_checkpoint
 from vericar.embed import dataset_fingerprint
-from vericar.data.images import load_image, to_rgb
+from vericar.data.images import load_image
 
 root = sys.argv[1]
 t = time.perf_counter(); cars = open_dataset("stanford_cars", root, progress=False); t_open = time.perf_counter() - t

@@ -12,7 +12,7 @@ On the device (``scripts/gpu_trip.sh`` unpacks the carried data and wheels, then
 Per protocol, one fine-tune run (``vericar.train.train``, ``train_backbone=True``: images decoded once onto
 the device, augmented there, bf16, channels_last). Protocol ``seed`` gets a training-time budget
 (``--seed-budget-s``, the issue's "<= 30 s"): a one-epoch probe measures the epoch time, and the run gets as
-many epochs as fit. Each finished run is exported small (:func:`vericar.train.export_run`: half-precision
+many epochs as fit. Each finished run is exported small (:func:`vericar.runs.export_run`: half-precision
 weights, trained embeddings, no frozen features) and packed as ``$OUT/<protocol>.tar`` (config, metrics,
 history, embeddings) plus ``$OUT/<protocol>-model.pt``, so each file stays under the 16 MiB return limit;
 ``$OUT/gpu_trip.json`` sums up (metrics, seconds, images/s, device). At home:
@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from vericar.data import open_dataset
-    from vericar.train import TrainConfig, export_run, train
+    from vericar.config import TrainConfig
+    from vericar.runs import export_run
+    from vericar.train import train
 
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)

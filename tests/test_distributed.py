@@ -26,7 +26,9 @@ import torch.multiprocessing as mp
 
 from vericar import distributed
 from vericar.embed import decode_images, embed_batches
-from vericar.train import TrainConfig, load_model, load_run, train
+from vericar.config import TrainConfig
+from vericar.runs import load_model, load_run
+from vericar.train import train
 
 FINE_TUNE = TrainConfig(protocol="official", backbone="tiny_cnn", pretrained=False, image_size=32, epochs=3,
                         batch_size=16, m_per_class=4, backbone_lr=3e-3, head_lr=3e-3, device="cpu", dropout=0.0)

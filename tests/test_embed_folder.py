@@ -3,7 +3,6 @@ reported (never dropped silently), and an interrupted or repeated run resumes in
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 
 import numpy as np
@@ -14,7 +13,9 @@ from PIL import Image
 
 import vericar.embed_folder as ef
 from vericar.embed import embed_batches
-from vericar.train import TrainConfig, load_model, train
+from vericar.config import TrainConfig
+from vericar.runs import load_model
+from vericar.train import train
 
 TINY = TrainConfig(protocol="official", backbone="tiny_cnn", pretrained=False, image_size=32, epochs=1,
                    batch_size=16, m_per_class=4, device="cpu")

@@ -7,7 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from vericar.train import load_model, load_run
+from vericar.runs import load_model, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ from vericar import plots
 from vericar.losses import (ACCUMULATION_VARIANTS, GRAPH_CUTTING_VARIANTS, GRAPH_PRESERVING_VARIANTS,
                             RAISING_VARIANTS, gradient_report, make_loss)
 from vericar.models import build_model
-from vericar.analyses.gradient_bug import (SUSPECTS, Comparison, Variant, class_subset, classify_outcomes,
+from vericar.analyses.gradient_bug import (SUSPECTS, Comparison, class_subset, classify_outcomes,
                                    comparison_variants, corrupted_test_accuracy, expected_gradient_verdict,
                                    gradient_verdicts, label_corruption_summary, positive_coverage, real_batch,
                                    run_comparison, unlabelled_test_file_labels, verdict_groups)
@@ -245,7 +245,7 @@ def test_classify_outcomes_inconclusive_when_reference_learns_nothing():
 
 
 def test_run_comparison_on_tiny_data(tiny_synth, tmp_path):
-    from vericar.train import TrainConfig
+    from vericar.config import TrainConfig
 
     cars = tiny_synth
     base = TrainConfig(protocol="seed", backbone="tiny_cnn", image_size=32, train_backbone=False, trainable_stages=0,
@@ -263,7 +263,7 @@ def test_run_comparison_on_tiny_data(tiny_synth, tmp_path):
     h = comp.histories()
     assert set(h["variant"]) == {"ms", "accum:item_accumulate", "corrupt_labels"}
     # a cut graph trains nothing: the head's weights stay at their (seeded) initial values
-    from vericar.train import load_model
+    from vericar.runs import load_model
 
     torch.manual_seed(base.seed)  # train() seeds, then builds the model
     init = build_model("tiny_cnn", base.embedding_dim, pretrained=False, dropout=base.dropout,

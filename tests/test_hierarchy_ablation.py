@@ -231,7 +231,7 @@ def test_effective_level_weights_shares():
 
 
 def test_base_config_reads_reference_and_applies_overrides(tmp_path):
-    from vericar.train import TrainConfig
+    from vericar.config import TrainConfig
 
     ref = tmp_path / "official"
     ref.mkdir()
@@ -247,7 +247,7 @@ def test_base_config_reads_reference_and_applies_overrides(tmp_path):
 
 
 def test_grid_configs_change_only_loss_protocol_and_kwargs():
-    from vericar.train import TrainConfig
+    from vericar.config import TrainConfig
 
     base = TrainConfig(backbone="tiny_cnn", image_size=32, epochs=2, batch_size=16)
     grid = grid_configs(base, ["ms", "hims_min"], ["seed", "zero-shot"], hierarchical_kwargs={"order": "coarse_to_fine"})
@@ -266,7 +266,7 @@ def test_train_grid_folders(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(train_module, "train", lambda cars, config, folder, **kw: calls.append((config, folder, kw))
                         or folder)
-    from vericar.train import TrainConfig
+    from vericar.config import TrainConfig
 
     grid = grid_configs(TrainConfig(), ["ms", "hims_max"], ["open-world"])
     runs = train_grid(None, grid, tmp_path)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from vericar.predict import CarIdentifier
-from vericar.train import TrainConfig, train
+from vericar.config import TrainConfig
+from vericar.train import train
 
 CLASSES = pd.DataFrame({
     "class_name": ["Zentra Volo Sedan 2010", "Zentra Volo Sedan 2012", "Krato Baja Pickup 2011"],

@@ -15,7 +15,9 @@ import torch
 
 from vericar.data import open_dataset
 from vericar.runio import RunFileError, UnsafeCheckpointError, load_checkpoint
-from vericar.train import RunConfigError, TrainConfig, export_run, load_model, load_run, main, train
+from vericar.config import TrainConfig
+from vericar.runs import RunConfigError, export_run, load_model, load_run
+from vericar.train import main, train
 
 TINY = TrainConfig(protocol="official", backbone="tiny_cnn", pretrained=False, image_size=32, epochs=2,
                    batch_size=16, m_per_class=4, device="cpu")

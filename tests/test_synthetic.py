@@ -14,7 +14,7 @@ from PIL import Image
 
 from vericar.data import synthetic
 from vericar.data.synthetic import (
-    BODY_TYPES, LABEL_COLUMNS, SynthCarsConfig, build_classes, make_synthcars, render_car, render_image,
+    BODY_TYPES, LABEL_COLUMNS, SynthCarsConfig, build_classes, make_synthcars, render_image,
 )
 
 NAME_RE = re.compile(r"^([A-Z][a-z]+) ([A-Z][a-z]+) (" + "|".join(BODY_TYPES) + r") (\d{4})$")

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from vericar.embed import augment, decode_images, embed_batches
-from vericar.train import TrainConfig, load_model, load_run, train
+from vericar.config import TrainConfig
+from vericar.runs import load_model, load_run
+from vericar.train import train
 
 TINY = TrainConfig(protocol="official", backbone="tiny_cnn", pretrained=False, image_size=32, epochs=3,
                    batch_size=16, m_per_class=4, backbone_lr=3e-3, head_lr=3e-3, device="cpu")
@@ -108,7 +110,7 @@ def test_head_only_leaves_the_pretrained_backbone_untouched(synthcars_tiny, tmp_
 
 
 def test_train_labels_override_and_validation(synthcars_tiny, tmp_path):
-    from vericar.train import split_for
+    from vericar.runs import split_for
     split = split_for(synthcars_tiny, TINY)
     with pytest.raises(ValueError, match="train_labels has 3 entries"):
         train(synthcars_tiny, TINY, tmp_path / "x", train_labels=np.zeros(3, dtype=int), progress=False)
@@ -138,7 +140,7 @@ def test_augment_is_batched_deterministic_and_bounded():
 
 
 def test_exported_run_is_small_and_loads_like_the_original(synthcars_tiny, tmp_path):
-    from vericar.train import export_run
+    from vericar.runs import export_run
     run = train(synthcars_tiny, TINY, tmp_path / "r", progress=False)
     files = export_run(tmp_path / "r", tmp_path / "home")
     assert {p.name for p in files} == {"config.json", "metrics.json", "history.csv", "model.pt", "embeddings.npz"}

@@ -42,7 +42,6 @@ import datetime as _dt
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F

@@ -201,6 +201,6 @@ def cached_features(cars: CarsDataset, module, spec: BackboneSpec, image_size: i
 
 
 if __name__ == "__main__":  # ``python -m vericar.embed FOLDER --checkpoint RUN``: the folder embedder
-    from .embed_folder import main
+    import runpy  # run, not imported: the embedder imports this module, and modules must not import in a circle
 
-    raise SystemExit(main())
+    runpy.run_module("vericar.embed_folder", run_name="__main__")

@@ -3,7 +3,7 @@
     python -m vericar.embed_folder photos/ --checkpoint runs/full/models/official   # or: python -m vericar.embed ...
     python -m vericar.embed_folder photos/ --checkpoint RUN_DIR --out photos.npz --batch-size 128 --device cuda
 
-``RUN_DIR`` is a run folder made by :func:`vericar.train.train`: its model (:func:`vericar.train.load_model`)
+``RUN_DIR`` is a run folder made by :func:`vericar.train.train`: its model (:func:`vericar.runs.load_model`)
 embeds the images exactly as training evaluated them (RGB, square resize to the run's ``image_size`` with
 the backbone's interpolation, normalisation, L2-normalised output).
 
@@ -135,7 +135,7 @@ def embed_folder(folder: str | Path, checkpoint: str | Path, out: str | Path | N
     Returns the :class:`FolderEmbeddings` written to ``out``; warns (and lists them in ``out.failed.csv``)
     when images could not be read.
     """
-    from .train import load_model, load_run, model_file
+    from .runs import load_model, load_run, model_file
 
     folder = Path(folder)
     files = list_images(folder)

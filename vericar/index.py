@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .retrieval import KNNIndex, _as_2d_float, _vote_weights, hierarchical_predict, l2_normalize, vote
+from .retrieval import KNNIndex, as_2d_float, vote_weights, hierarchical_predict, l2_normalize, vote
 
 __all__ = [
     "AUTO_FLAT_MAX",
@@ -316,7 +316,7 @@ class VectorIndex:
         dist, ids = self.search(queries, k)
         self._check_complete(ids)
         nl = self.label_of(ids)
-        pos, share = vote(nl, _vote_weights(dist, ids.shape[1], len(ids), weighted))
+        pos, share = vote(nl, vote_weights(dist, ids.shape[1], len(ids), weighted))
         return nl[np.arange(len(nl)), pos], share
 
     def hierarchical_predict(self, queries, k: int = 5, *, weighted: bool = False) -> pd.DataFrame:
@@ -389,7 +389,7 @@ class VectorIndex:
     # -- internals -------------------------------------------------------------------------------
 
     def _prepare(self, x, name: str) -> np.ndarray:
-        arr = _as_2d_float(x, name)
+        arr = as_2d_float(x, name)
         if arr.shape[1] != self.dim:
             raise ValueError(f"{name} have dim {arr.shape[1]}, the index has dim {self.dim}")
         if self.normalize:
@@ -445,7 +445,7 @@ def build_index(embeddings, labels, kind: str = "auto", *, ids=None, class_table
     :class:`KNNIndex` ``backend`` and ``device``."""
     if kind not in KINDS:
         raise ValueError(f"unknown index kind {kind!r}; choose one of {KINDS}")
-    x = _as_2d_float(embeddings, "embeddings")
+    x = as_2d_float(embeddings, "embeddings")
     kind = choose_kind(len(x)) if kind == "auto" else kind
     index = VectorIndex(x.shape[1], kind, normalize=normalize, class_table=class_table, nlist=nlist, nprobe=nprobe,
                         hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, backend=backend,

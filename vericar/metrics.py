@@ -34,12 +34,11 @@ approximation.  ``n = 0`` gives ``(nan, nan)``.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import norm
 from statsmodels.stats.proportion import proportion_confint
 
 from .data.hierarchy import LEVELS, level_keys

@@ -21,7 +21,7 @@ from .data.images import load_image
 from .embed import embed_batches, resolve_device, square_tensor
 from .ood import knn_scores, threshold_at_tpr
 from .retrieval import KNNIndex, hierarchical_predict
-from .train import TrainedRun, load_model, load_run
+from .runs import TrainedRun, load_model, load_run
 
 
 class CarIdentifier:
@@ -53,7 +53,7 @@ class CarIdentifier:
                  tpr: float = 0.95, weighted: bool = True, device: str = "cpu") -> "CarIdentifier":
         """An identifier over a trained run's database (its split's ``database`` images).
 
-        Refuses (:class:`vericar.train.RunConfigError`) a dataset other than the one the run was trained on.
+        Refuses (:class:`vericar.runs.RunConfigError`) a dataset other than the one the run was trained on.
         """
         run = load_run(run.path if isinstance(run, TrainedRun) else run, cars)  # checks the data fingerprint
         model = load_model(run, device=device)

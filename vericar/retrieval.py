@@ -37,7 +37,6 @@ held by the *nearest* neighbour; confidence = the winner's share of the total we
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -48,9 +47,11 @@ from .data.hierarchy import LEVELS, level_keys
 __all__ = [
     "FAISS_AUTO_THRESHOLD",
     "KNNIndex",
+    "as_2d_float",
     "hierarchical_predict",
     "l2_normalize",
     "vote",
+    "vote_weights",
 ]
 
 #: Database size above which ``backend="auto"`` chooses faiss (on a CPU device).
@@ -75,7 +76,8 @@ def _faiss():
     return faiss
 
 
-def _as_2d_float(a, name: str) -> np.ndarray:
+def as_2d_float(a, name: str) -> np.ndarray:
+    """``a`` (numpy or torch) as a contiguous float32 (n, dim) array; refuses other shapes, NaN and inf."""
     if isinstance(a, torch.Tensor):
         a = a.detach().cpu().numpy()
     arr = np.ascontiguousarray(np.asarray(a, dtype=np.float32))
@@ -98,7 +100,8 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _vote_weights(distances, k: int, n: int, weighted: bool) -> np.ndarray:
+def vote_weights(distances, k: int, n: int, weighted: bool) -> np.ndarray:
+    """Each of the ``k`` neighbours' vote (n, k): 1, or with ``weighted`` a weight from its distance."""
     if not weighted:
         return np.ones((n, k), dtype=np.float64)
     if distances is None:
@@ -226,7 +229,7 @@ class KNNIndex:
 
     def add(self, embeddings, labels) -> "KNNIndex":
         """Append embeddings with their labels (labels may be new classes); returns ``self``."""
-        emb = _as_2d_float(embeddings, "embeddings")
+        emb = as_2d_float(embeddings, "embeddings")
         lab = np.asarray(labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels)
         if lab.ndim != 1 or len(lab) != len(emb):
             raise ValueError(f"labels must be 1-D with one label per embedding ({len(emb)}), got shape {lab.shape}")
@@ -258,7 +261,7 @@ class KNNIndex:
     # -- searching -------------------------------------------------------------------------------
 
     def _prepare_queries(self, queries) -> np.ndarray:
-        q = _as_2d_float(queries, "queries")
+        q = as_2d_float(queries, "queries")
         if len(self) == 0:
             raise ValueError("the index is empty; add() embeddings first")
         if q.shape[1] != self.dim:
@@ -362,7 +365,7 @@ class KNNIndex:
         """
         dist, idx = self.search(queries, k, exclude_self=exclude_self)
         nl = self.labels[idx]
-        pos, share = vote(nl, _vote_weights(dist, idx.shape[1], len(idx), weighted))
+        pos, share = vote(nl, vote_weights(dist, idx.shape[1], len(idx), weighted))
         return nl[np.arange(len(nl)), pos], share
 
     # -- persistence -----------------------------------------------------------------------------
@@ -445,7 +448,7 @@ def hierarchical_predict(neighbour_labels, neighbour_distances, class_table: pd.
         raise ValueError(f"class_table lacks columns {missing}")
     table = class_table.reset_index(drop=True)
     n, k = nl.shape
-    weights = _vote_weights(neighbour_distances, k, n, weighted)
+    weights = vote_weights(neighbour_distances, k, n, weighted)
     rows = np.arange(n)
     out: dict[str, object] = {}
     conf: dict[str, np.ndarray] = {}

@@ -36,9 +36,7 @@ import argparse
 import dataclasses
 import json
 import random
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,130 +48,24 @@ from pytorch_metric_learning.samplers import MPerClassSampler
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import CarsDataset, Split, make_split, open_dataset
+from .config import TrainConfig
+from .data import CarsDataset, Split, open_dataset
 from .embed import (augment, augment_normalized, cached_features, decode_images, embed_batches, l2_normalize,
                     normalize_float, resolve_device)
 from .evaluation import evaluate_embeddings
 from .losses import PROXY_LOSSES, level_label_matrix, make_loss
 from .models import build_model, flip_average, split_backbone
-from .runio import (RunFileError, atomic_path, data_fingerprint, load_checkpoint, load_npz, read_json,
-                    save_checkpoint, write_json)
+from .runio import atomic_path, data_fingerprint, load_checkpoint, save_checkpoint, write_json
+from .runs import (DAMAGED_CHECKPOINT, TrainedRun, existing_run, load_run, load_weights, model_state,
+                   refuse_other_config, split_arrays, split_for)
 
-SAMPLERS = ("m_per_class", "shuffle")
 DEFAULT_CACHE = Path.home() / ".cache" / "vericar" / "features"
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (saved as ``config.json``; a resumed run must match it)."""
-
-    protocol: str = "official"
-    backbone: str = "efficientnet_lite0"
-    pretrained: bool = True
-    image_size: int = 224
-    embedding_dim: int = 256
-    hidden_dim: int = 512
-    dropout: float = 0.1
-    train_backbone: bool = True
-    trainable_stages: int = 0  # with train_backbone=False: last backbone stages trained on cached trunk outputs
-    epochs: int = 20
-    batch_size: int = 128
-    m_per_class: int = 4
-    sampler: str = "m_per_class"
-    backbone_lr: float = 1e-4
-    head_lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    loss: str = "ms"
-    loss_kwargs: dict = field(default_factory=dict)
-    proxy_lr: float = 1e-2  # the class proxies of a proxy loss (proxy_anchor, norm_softmax, arcface)
-    augment: bool = True
-    aug_views: int = 0  # cached modes: extra randomly augmented views of every image cached besides its mirror
-    eval_augment: bool = False  # the seed's bug, reproduced on purpose: evaluate with train-time augmentation
-    eval_every: int = 1
-    save_pooled: bool = False  # also save the trained backbone's pooled features (KNN+ on them, notebook 06)
-    eval_k: int = 1
-    flip_tta: bool = False  # evaluate (and later embed) each image as the mean of it and its mirror image
-    amp: bool = True
-    cpu_bf16: bool = False  # bf16 autocast for the training forward on the CPU too (CUDA uses it when amp)
-    seed: int = 0
-    device: str = "auto"
-    # split protocol parameters
-    val_fraction: float = 0.2
-    holdout: str = "model"
-    holdout_fraction: float = 0.2
-    ssb_file: str = ""  # protocol "ssb": the SSB class split; "" looks beside the dataset (splits.SSB_DEFAULT)
-
-    def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}")
-        if self.sampler == "m_per_class" and self.batch_size % self.m_per_class:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of m_per_class ({self.m_per_class})")
-        if self.aug_views < 0 or (self.aug_views and self.train_backbone):
-            raise ValueError(f"aug_views={self.aug_views}: cached augmented views are for train_backbone=False "
-                             "(a fine-tune augments every batch on the fly); use 0 or more with cached modes")
-
-    def describe(self) -> str:
-        """The training mode in words, for tables and results files."""
-        if self.train_backbone:
-            mode = "fine-tune (backbone + head)"
-        elif self.trainable_stages:
-            k = self.trainable_stages
-            mode = f"last {k} backbone stage{'s' if k > 1 else ''} + head on cached trunk"
-        else:
-            mode = "head only on frozen, cached backbone features"
-        if self.aug_views:
-            mode += f", {self.aug_views} augmented views"
-        return mode + (", flip TTA" if self.flip_tta else "")
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-@dataclass
-class TrainedRun:
-    """A finished run folder, loaded: what notebooks 03-07 read."""
-
-    path: Path
-    config: TrainConfig
-    history: pd.DataFrame
-    embeddings: np.ndarray          # trained embeddings of every image of the dataset (L2-normalised)
-    frozen_features: np.ndarray | None  # frozen-backbone features (L2-normalised); None in an exported run
-    metrics: dict[str, Any]
-    split: Split
-    pooled: np.ndarray | None = None    # the trained backbone's pooled features (config.save_pooled), else None
-
-    @property
-    def frozen(self) -> np.ndarray:
-        """Frozen-backbone features of every image (L2-normalised): the before-training baseline."""
-        if self.frozen_features is None:
-            raise FileNotFoundError(
-                f"{self.path} is an exported run without frozen-backbone features (export_run(..., frozen=False)); "
-                "its frozen baseline metrics are in metrics.json. Retrain with vericar.train to get them")
-        return self.frozen_features
-
-    @property
-    def model_path(self) -> Path:
-        """checkpoint.pt (weights + optimizer, resumable) or, in an exported run, model.pt (weights only)."""
-        ckpt, exported = self.path / "checkpoint.pt", self.path / "model.pt"
-        return exported if exported.is_file() and not ckpt.is_file() else ckpt
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def split_for(cars: CarsDataset, config: TrainConfig) -> Split:
-    return make_split(cars, config.protocol, seed=config.seed, val_fraction=config.val_fraction,
-                      holdout=config.holdout, holdout_fraction=config.holdout_fraction,
-                      ssb_file=config.ssb_file or None)
 
 
 def _lr_lambda(total_steps: int, warmup_steps: int):
@@ -185,7 +77,7 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
     return f
 
 
-def _batches(labels: np.ndarray, config: TrainConfig, epoch: int) -> list[np.ndarray]:
+def epoch_batches(labels: np.ndarray, config: TrainConfig, epoch: int) -> list[np.ndarray]:
     """Positions (into the training set) of each batch of one epoch, deterministic from seed and epoch."""
     n = len(labels)
     np.random.seed(config.seed * 10_007 + epoch)  # MPerClassSampler draws from numpy's global RNG
@@ -234,7 +126,7 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
         config_json["world_size"] = ddp.world_size
         distributed.check_batch_size(config.batch_size, config.m_per_class if config.sampler == "m_per_class" else None)
     _check_sizes(config)
-    state = _existing_run(run_dir, config_json, resume=resume, overwrite=overwrite, is_main=ddp.is_main)
+    state = existing_run(run_dir, config_json, resume=resume, overwrite=overwrite, is_main=ddp.is_main)
     if state == "finished":
         return load_run(run_dir, cars)
 
@@ -336,7 +228,7 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
         params.append({"name": "proxies", "params": list(loss_fn.parameters()), "lr": config.proxy_lr,
                        "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(params)
-    steps_per_epoch = len(_batches(y_train, config, 0))
+    steps_per_epoch = len(epoch_batches(y_train, config, 0))
     total = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(total, int(round(config.warmup_epochs * steps_per_epoch))))
@@ -345,9 +237,9 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
     start_epoch = 0
     ckpt_path = run_dir / "checkpoint.pt"
     if state == "resume":
-        ckpt = load_checkpoint(ckpt_path, device, fix=_DAMAGED_CHECKPOINT)
-        _refuse_other_config(run_dir, ckpt.get("config") or {}, config_json, "an interrupted run")
-        _load_weights(model, ckpt["model"])
+        ckpt = load_checkpoint(ckpt_path, device, fix=DAMAGED_CHECKPOINT)
+        refuse_other_config(run_dir, ckpt.get("config") or {}, config_json, "an interrupted run")
+        load_weights(model, ckpt["model"])
         if proxy_loss:
             loss_fn.load_state_dict(ckpt["loss"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -371,7 +263,7 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
         losses = []
         t0 = time.perf_counter()
         n_images = 0
-        for positions in _batches(y_train, config, epoch):
+        for positions in epoch_batches(y_train, config, epoch):
             pos = torch.from_numpy(positions)
             rows = train_rows[pos]
             mine = distributed.rank_slice(len(rows))  # this rank's share of the global batch (all of it alone)
@@ -412,7 +304,7 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
         bar.set_postfix(loss=f"{record['loss']:.3f}", p1=f"{record.get('precision_at_1', float('nan')):.3f}")
         if not ddp.is_main:
             continue  # rank 0 alone checkpoints and calls back
-        save_checkpoint({"model": _model_state(model), "optimizer": optimizer.state_dict(),
+        save_checkpoint({"model": model_state(model), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
                          "config": config_json, "model_config": model.config,
                          **({"loss": loss_fn.state_dict()} if proxy_loss else {})}, ckpt_path)
@@ -435,7 +327,7 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
     pooled = {"pooled": pooled_features().astype(np.float16)} if config.save_pooled else {}
     with atomic_path(run_dir / "embeddings.npz", suffix=".npz") as tmp:
         np.savez_compressed(tmp, trained=trained.astype(np.float16), frozen=frozen.astype(np.float16),
-                            labels=labels_all, **pooled, **_split_arrays(split))
+                            labels=labels_all, **pooled, **split_arrays(split))
     if proxy_loss:  # the class vectors: class scores (MSP, max logit, energy) for open-set recognition
         with atomic_path(run_dir / "proxies.npz", suffix=".npz") as tmp:
             np.savez(tmp, classes=loss_fn.classes.cpu().numpy(), proxies=loss_fn.proxies().cpu().numpy(),
@@ -491,72 +383,11 @@ def _tta(fn, config: TrainConfig, x: torch.Tensor, mirrored: torch.Tensor | None
     return F.normalize(fn(x), dim=-1)
 
 
-def _model_state(model) -> dict[str, torch.Tensor]:
-    """The whole model's weights (also in cached modes: a random-init backbone is not rebuildable)."""
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def _load_weights(model, state: dict[str, torch.Tensor]) -> None:
-    own = model.state_dict()  # an exported run stores half precision: cast back to the model's dtypes
-    state = {k: (v.to(own[k].dtype) if k in own and v.is_floating_point() else v) for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-
-
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     import os
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
-def _split_arrays(split: Split) -> dict[str, np.ndarray]:
-    return {f"split_{k}": getattr(split, k) for k in ("train", "database", "query", "ood_query", "ood_database",
-                                                         "heldout_class_ids")}
-
-
-#: Settings that do not change the trained model: evaluation only reads it, and each epoch's randomness is
-#: seeded from (seed, epoch). A finished or interrupted run is reused whatever they are.
-NOT_AFFECTING_THE_MODEL = ("eval_every", "save_pooled")
-
-
-#: Keys that older run folders did not record: compared only where both configs have them.
-RECORDED_SINCE = ("data_fingerprint",)
-#: The files of a run that ``overwrite=True`` deletes before training anew.
-RUN_FILES = ("metrics.json", "embeddings.npz", "history.csv", "checkpoint.pt", "model.pt")
-_DAMAGED_CHECKPOINT = ("Copy the run folder again if it came from elsewhere; or delete the run and train anew "
-                       "(train(..., overwrite=True) / python -m vericar.train ... --overwrite).")
-_DAMAGED_RUN = ("The run was damaged (e.g. an interrupted copy): copy the run folder again, or retrain it "
-                "(train(..., overwrite=True) / python -m vericar.train ... --overwrite).")
-
-
-class RunConfigError(ValueError):
-    """A run folder holds a run of another config or other data; nothing was changed. The message says how."""
-
-
-def _config_diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """The fields (but :data:`NOT_AFFECTING_THE_MODEL`) whose values differ: ``{field: (a's, b's)}``."""
-    skip = set(NOT_AFFECTING_THE_MODEL) | {k for k in RECORDED_SINCE if k not in a or k not in b}
-    unset = "<unset>"
-    return {k: (a.get(k, unset), b.get(k, unset)) for k in sorted((set(a) | set(b)) - skip)
-            if a.get(k, unset) != b.get(k, unset)}
-
-
-def _same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return not _config_diff(a, b)
-
-
-def _refuse_other_config(run_dir: Path, stored: dict[str, Any], config_json: dict[str, Any], what: str) -> None:
-    diff = _config_diff(stored, config_json)
-    if not diff:
-        return
-    lines = [f"  data: the file list or labels under {config_json.get('data_root')} are not those the run was "
-             f"trained on (fingerprint {old} in the run, {new} now)" if k == "data_fingerprint"
-             else f"  {k}: {old!r} in the run folder, {new!r} now" for k, (old, new) in diff.items()]
-    raise RunConfigError(f"{run_dir} holds {what} with another config; nothing was changed:\n" + "\n".join(lines)
-                         + "\nUse the run's config to reuse it, choose another run folder, or pass overwrite=True "
-                         "(python -m vericar.train ... --overwrite) to delete this run and train anew.")
 
 
 def _check_sizes(config: TrainConfig) -> None:
@@ -567,128 +398,6 @@ def _check_sizes(config: TrainConfig) -> None:
         value = getattr(config, name)
         if not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name} must be a whole number >= {low}, got {value!r} ({hint})")
-
-
-def _existing_run(run_dir: Path, config_json: dict[str, Any], *, resume: bool, overwrite: bool,
-                  is_main: bool) -> str:
-    """What :func:`train` does with ``run_dir``: ``"finished"`` (load it), ``"resume"`` or ``"fresh"``.
-
-    Raises :class:`RunConfigError` rather than delete or restart a run of another config; with ``overwrite``
-    the old run's files are deleted (by the main process).
-    """
-    if overwrite:
-        if is_main:
-            for name in RUN_FILES:
-                (run_dir / name).unlink(missing_ok=True)
-        return "fresh"
-    finished = (run_dir / "metrics.json").is_file()
-    interrupted = (run_dir / "checkpoint.pt").is_file() and resume
-    if not (finished or interrupted):
-        return "fresh"
-    config_path = run_dir / "config.json"
-    stored = read_json(config_path, "the run's config", _DAMAGED_RUN) if config_path.is_file() else {}
-    _refuse_other_config(run_dir, stored, config_json, "a finished run" if finished else "an interrupted run")
-    if finished and not resume:
-        raise RunConfigError(f"{run_dir} holds a finished run; resume=False would train it again and replace it. "
-                             "Pass overwrite=True (--overwrite) to do so, or choose another run folder.")
-    return "finished" if finished else "resume"
-
-
-def _check_data(run_dir: Path, config_json: dict[str, Any], labels: np.ndarray, cars: CarsDataset) -> None:
-    """Refuse pairing a run's embeddings and metrics with a dataset other than the one it was trained on."""
-    if len(cars) != len(labels):
-        raise RunConfigError(f"{run_dir} was trained on a dataset of {len(labels)} images, not this one "
-                             f"({len(cars)} under {cars.root}): pass the same data_dir")
-    recorded = config_json.get("data_fingerprint")
-    if recorded is None:  # run folders written before fingerprints: the image count is all there is
-        return
-    now = data_fingerprint(cars)
-    if recorded != now:
-        changed = int((np.asarray(labels) != cars.labels).sum())
-        raise RunConfigError(
-            f"{run_dir} was trained on other data than {cars.root} holds now: the file list or labels changed "
-            f"({changed} of {len(labels)} labels differ; fingerprint {recorded} in the run, {now} now). Its "
-            "embeddings and metrics belong to the old data. Restore that data, or retrain on the new data in "
-            "another run folder or with train(..., overwrite=True) / --overwrite.")
-
-
-def load_run(run_dir: str | Path, cars: CarsDataset | None = None) -> TrainedRun:
-    """Load a finished run folder (made by :func:`train`, here or on another machine)."""
-    run_dir = Path(run_dir)
-    needed = [run_dir / f for f in ("config.json", "embeddings.npz", "metrics.json")]
-    missing = [p.name for p in needed if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{run_dir} is not a finished training run (missing {missing}); run notebook "
-                                "03_training or `python -m vericar.train` to make it")
-    config_json = read_json(run_dir / "config.json", "the run's config", _DAMAGED_RUN)
-    config = TrainConfig.from_json(config_json)
-    data = load_npz(run_dir / "embeddings.npz", _DAMAGED_RUN)
-    if cars is not None:
-        _check_data(run_dir, config_json, data["labels"], cars)
-    split = Split(config.protocol, train=data["split_train"], database=data["split_database"],
-                  query=data["split_query"], ood_query=data["split_ood_query"],
-                  ood_database=data["split_ood_database"], heldout_class_ids=data["split_heldout_class_ids"])
-    history_path = run_dir / "history.csv"
-    has_history = history_path.is_file() and history_path.stat().st_size > 1  # not the empty file of 0 epochs
-    history = pd.read_csv(history_path) if has_history else pd.DataFrame()
-    frozen = data["frozen"].astype(np.float32) if "frozen" in data else None
-    pooled = data["pooled"].astype(np.float32) if "pooled" in data else None
-    return TrainedRun(path=run_dir, config=config, history=history,
-                      embeddings=data["trained"].astype(np.float32), frozen_features=frozen,
-                      metrics=read_json(run_dir / "metrics.json", "the run's metrics", _DAMAGED_RUN), split=split,
-                      pooled=pooled)
-
-
-def export_run(run_dir: str | Path, out_dir: str | Path, *, frozen: bool = False) -> list[Path]:
-    """A small, portable copy of a finished run, e.g. to bring a GPU run home through a size-limited channel.
-
-    Writes ``config.json``, ``metrics.json``, ``history.csv``, ``model.pt`` (the model's weights in half
-    precision: no optimizer state, so not resumable) and ``embeddings.npz`` (trained embeddings in float16,
-    labels, split). The frozen-backbone features (1280-d for EfficientNet-Lite: the largest array) are left out
-    unless ``frozen=True``; the frozen baseline's metrics stay in ``metrics.json``. :func:`load_run` and
-    :func:`load_model` read the copy like the original.
-    """
-    src, out = Path(run_dir), Path(out_dir)
-    run = load_run(src)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "metrics.json", "history.csv"):
-        if (src / name).is_file():
-            shutil.copy2(src / name, out / name)
-    ckpt = _load_run_checkpoint(run)
-    weights = {k: (v.half() if v.is_floating_point() else v) for k, v in ckpt["model"].items()}
-    save_checkpoint({"model": weights, "config": ckpt.get("config"), "model_config": ckpt.get("model_config"),
-                     "epoch": ckpt.get("epoch")}, out / "model.pt")
-    arrays = {"trained": run.embeddings.astype(np.float16), "labels": load_npz(src / "embeddings.npz")["labels"],
-              **_split_arrays(run.split)}
-    if frozen:
-        arrays["frozen"] = run.frozen.astype(np.float16)
-    with atomic_path(out / "embeddings.npz", suffix=".npz") as tmp:
-        np.savez_compressed(tmp, **arrays)
-    return sorted(out.iterdir())
-
-
-def load_model(run: TrainedRun | str | Path, device: str = "cpu"):
-    """The trained :class:`~vericar.models.EmbeddingModel` of a run folder, in eval mode."""
-    run = run if isinstance(run, TrainedRun) else load_run(run)
-    ckpt = _load_run_checkpoint(run)
-    cfg = run.config
-    model = build_model(cfg.backbone, cfg.embedding_dim, pretrained=False, dropout=cfg.dropout,
-                        hidden_dim=cfg.hidden_dim, flip_tta=cfg.flip_tta)  # every weight comes from the checkpoint
-    _load_weights(model, ckpt["model"])
-    return model.to(resolve_device(device)).eval()
-
-
-def model_file(run: TrainedRun) -> Path:
-    """The file holding a run's weights (checkpoint.pt, or model.pt in an exported run); raises if neither is."""
-    if not run.model_path.is_file():
-        raise RunFileError(f"{run.path} has no checkpoint.pt (a training run) nor model.pt (an exported run), so "
-                           "no model weights; copy the run folder again with its checkpoint.pt, or retrain it")
-    return run.model_path
-
-
-def _load_run_checkpoint(run: TrainedRun) -> dict[str, Any]:
-    """The weights of a finished run, loaded safely (tensors and plain data only)."""
-    return load_checkpoint(model_file(run), "cpu", fix=_DAMAGED_CHECKPOINT)
 
 
 def main(argv: list[str] | None = None) -> int:

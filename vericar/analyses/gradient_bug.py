@@ -50,13 +50,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data import CarsDataset, Split, make_split
+from ..data import CarsDataset, Split
 from ..losses import ACCUMULATION_VARIANTS, GRAPH_CUTTING_VARIANTS, GRAPH_PRESERVING_VARIANTS, RAISING_VARIANTS
 from ..metrics import wilson_interval
 from ..retrieval import KNNIndex
 
 if TYPE_CHECKING:
-    from ..train import TrainConfig
+    from ..config import TrainConfig
 
 __all__ = [
     "CORRUPTION_MODES",
@@ -217,17 +217,18 @@ def positive_coverage(labels, batch_size: int, sampler: str = "m_per_class", m_p
                       epochs: int = 1, seed: int = 0) -> float:
     """Fraction of anchors that have at least one positive (same label) in their batch.
 
-    Batches are drawn exactly as :func:`vericar.train.train` draws them (its ``_batches``: plain shuffling or
+    Batches are drawn exactly as :func:`vericar.train.train` draws them (its ``epoch_batches``: plain shuffling or
     ``MPerClassSampler``), over ``epochs`` epochs. An anchor without a positive contributes only the negative
     term of the MS loss: nothing pulls it towards its class.
     """
-    from ..train import TrainConfig, _batches
+    from ..config import TrainConfig
+    from ..train import epoch_batches
 
     labels = np.asarray(labels, dtype=np.int64)
     config = TrainConfig(batch_size=batch_size, sampler=sampler, m_per_class=m_per_class, seed=seed)
     covered = total = 0
     for epoch in range(epochs):
-        for positions in _batches(labels, config, epoch):
+        for positions in epoch_batches(labels, config, epoch):
             y = labels[positions]
             _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
             covered += int((counts[inverse] > 1).sum())
@@ -385,13 +386,14 @@ def run_comparison(cars: CarsDataset, variants: Sequence[Variant], base: "TrainC
                    progress: bool = False, cache_dir=None) -> Comparison:
     """Train every variant into ``<run_dir>/models/<prefix><variant>`` (finished folders are loaded, not retrained).
 
-    ``base`` (a :class:`vericar.train.TrainConfig`) is the config of the ``"cached"`` variants and
+    ``base`` (a :class:`vericar.config.TrainConfig`) is the config of the ``"cached"`` variants and
     ``finetune_base`` that of the ``"finetune"`` ones, on ``finetune_cars`` (default ``cars``); each variant
     applies its ``overrides``. Corrupted-label variants pass :func:`unlabelled_test_file_labels` of the
     training rows as ``train_labels``. A run that raises (``accum:inplace_leaf`` does, at its first step) is
     recorded in ``errors`` with PyTorch's message; the others go on.
     """
-    from ..train import DEFAULT_CACHE, split_for, train
+    from ..runs import split_for
+    from ..train import DEFAULT_CACHE, train
 
     run_dir = Path(run_dir)
     runs: dict[str, Any] = {}

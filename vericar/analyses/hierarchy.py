@@ -4,7 +4,7 @@ Grid
 ----
 :func:`base_config` takes notebook 03's reference run configuration (``<run_dir>/models/official/config.json``)
 so the ablation uses the same backbone, image size and budget, and its cached backbone features;
-:func:`grid_configs` derives one :class:`~vericar.train.TrainConfig` per (loss, protocol) that differs
+:func:`grid_configs` derives one :class:`~vericar.config.TrainConfig` per (loss, protocol) that differs
 *only* in ``loss`` (and the hierarchical losses' keywords) and ``protocol``; :func:`train_grid` trains them
 into ``<models_dir>/<prefix>_<loss>_<protocol>`` (idempotent, like :func:`vericar.train.train`).
 
@@ -96,13 +96,13 @@ DEPTH_LABELS: dict[str, str] = {"none": "other make", "make": "right make", "typ
 
 
 def base_config(reference: str | Path | None = None, **overrides):
-    """The reference run's :class:`~vericar.train.TrainConfig` with ``overrides`` (``None`` values are ignored).
+    """The reference run's :class:`~vericar.config.TrainConfig` with ``overrides`` (``None`` values are ignored).
 
     ``reference``: a run folder or its ``config.json`` (notebook 03's ``<run_dir>/models/official``).  When it
     does not exist, the :class:`TrainConfig` defaults are the base.  Returns ``(config, source)``, ``source``
     being the config file read or ``None``.
     """
-    from ..train import TrainConfig
+    from ..config import TrainConfig
 
     source = None
     data: dict = {}

@@ -2,7 +2,7 @@
 baselines beside KNN+, and adding new classes to the database without retraining.
 
 Everything works on row indices into one embedding matrix (one row per image of the dataset, as in a
-:class:`~vericar.train.TrainedRun`) and a :class:`~vericar.data.Split` of protocol ``open-world``:
+:class:`~vericar.runs.TrainedRun`) and a :class:`~vericar.data.Split` of protocol ``open-world``:
 ``split.query`` are the in-distribution (ID) queries, ``split.ood_query`` the queries of held-out classes,
 ``split.database`` the labelled known images and ``split.ood_database`` the labelled images of the held-out
 classes that can be added later.

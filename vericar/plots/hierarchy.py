@@ -6,7 +6,7 @@ Every figure takes tidy tables (one row per loss x panel x level) built by the n
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np

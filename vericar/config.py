@@ -1,0 +1,92 @@
+"""What defines a training run: :class:`TrainConfig`, saved as a run folder's ``config.json``.
+
+Its defaults are the study's reference recipe (the ``full`` profile of :mod:`vericar.study` reads them); the
+notebooks' parameter cells hold the ``quick`` profile. :mod:`vericar.train` trains a config and
+:mod:`vericar.runs` reads and checks run folders against one; neither imports the other for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SAMPLERS = ("m_per_class", "shuffle")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved as ``config.json``; a resumed run must match it)."""
+
+    protocol: str = "official"
+    backbone: str = "efficientnet_lite0"
+    pretrained: bool = True
+    image_size: int = 224
+    embedding_dim: int = 256
+    hidden_dim: int = 512
+    dropout: float = 0.1
+    train_backbone: bool = True
+    trainable_stages: int = 0  # with train_backbone=False: last backbone stages trained on cached trunk outputs
+    epochs: int = 20
+    batch_size: int = 128
+    m_per_class: int = 4
+    sampler: str = "m_per_class"
+    backbone_lr: float = 1e-4
+    head_lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    loss: str = "ms"
+    loss_kwargs: dict = field(default_factory=dict)
+    proxy_lr: float = 1e-2  # the class proxies of a proxy loss (proxy_anchor, norm_softmax, arcface)
+    augment: bool = True
+    aug_views: int = 0  # cached modes: extra randomly augmented views of every image cached besides its mirror
+    eval_augment: bool = False  # the seed's bug, reproduced on purpose: evaluate with train-time augmentation
+    eval_every: int = 1
+    save_pooled: bool = False  # also save the trained backbone's pooled features (KNN+ on them, notebook 06)
+    eval_k: int = 1
+    flip_tta: bool = False  # evaluate (and later embed) each image as the mean of it and its mirror image
+    amp: bool = True
+    cpu_bf16: bool = False  # bf16 autocast for the training forward on the CPU too (CUDA uses it when amp)
+    seed: int = 0
+    device: str = "auto"
+    # split protocol parameters
+    val_fraction: float = 0.2
+    holdout: str = "model"
+    holdout_fraction: float = 0.2
+    ssb_file: str = ""  # protocol "ssb": the SSB class split; "" looks beside the dataset (splits.SSB_DEFAULT)
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}")
+        if self.sampler == "m_per_class" and self.batch_size % self.m_per_class:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of m_per_class ({self.m_per_class})")
+        if self.aug_views < 0 or (self.aug_views and self.train_backbone):
+            raise ValueError(f"aug_views={self.aug_views}: cached augmented views are for train_backbone=False "
+                             "(a fine-tune augments every batch on the fly); use 0 or more with cached modes")
+
+    def describe(self) -> str:
+        """The training mode in words, for tables and results files."""
+        if self.train_backbone:
+            mode = "fine-tune (backbone + head)"
+        elif self.trainable_stages:
+            k = self.trainable_stages
+            mode = f"last {k} backbone stage{'s' if k > 1 else ''} + head on cached trunk"
+        else:
+            mode = "head only on frozen, cached backbone features"
+        if self.aug_views:
+            mode += f", {self.aug_views} augmented views"
+        return mode + (", flip TTA" if self.flip_tta else "")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+#: Settings that do not change the trained model: evaluation only reads it, and each epoch's randomness is
+#: seeded from (seed, epoch). A finished or interrupted run is reused whatever they are.
+NOT_AFFECTING_THE_MODEL = ("eval_every", "save_pooled")
+
