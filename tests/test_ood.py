@@ -268,3 +268,26 @@ def test_max_softmax_scores():
     assert max_softmax_scores(logits, temperature=1000.0)[1] < 0.51
     with pytest.raises(ValueError):
         max_softmax_scores(np.zeros(3))
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_index_knn_scores_match_exact_knn_plus(kind):
+    """KNN+ through the faiss indexes gives the exact scores (flat) or nearly (IVF, HNSW at these settings)."""
+    from vericar.index import build_index
+    from vericar.ood import index_knn_scores
+    from vericar.retrieval import KNNIndex
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(20, 16))
+    db = centres[rng.integers(0, 20, 3000)] + 0.3 * rng.normal(size=(3000, 16))
+    q = np.concatenate([centres[rng.integers(0, 20, 100)] + 0.3 * rng.normal(size=(100, 16)),
+                        rng.normal(size=(50, 16)) * 2])  # 50 queries far from every cluster
+    exact = knn_scores(q, db, 5)
+    index = build_index(db, np.zeros(len(db)), kind, nprobe=16)
+    got = index_knn_scores(q, index, 5)
+    assert got.shape == exact.shape
+    close = np.isclose(got, exact, atol=1e-4).mean()
+    assert close == 1.0 if kind == "flat" else close > 0.9
+    np.testing.assert_allclose(index_knn_scores(q, KNNIndex(db, np.zeros(len(db))), 5), exact, atol=1e-4)
+    assert ood_metrics(got[:100], got[100:])["auroc"] == pytest.approx(ood_metrics(exact[:100], exact[100:])["auroc"],
+                                                                       abs=0.02)

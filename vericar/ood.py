@@ -45,6 +45,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 __all__ = [
     "fpr_at_tpr",
+    "index_knn_scores",
     "knn_distances",
     "knn_scores",
     "max_softmax_scores",
@@ -178,6 +179,22 @@ def knn_scores(queries, database, k: int, **kwargs) -> np.ndarray:
     Returns a float64 array of shape ``(m,)``.
     """
     return -knn_distances(queries, database, k, **kwargs)[:, int(k) - 1]
+
+
+def index_knn_scores(queries, index, k: int) -> np.ndarray:
+    """KNN+ scores through a built K-NN index: minus the distance to each query's ``k``-th neighbour.
+
+    ``index`` is anything with ``search(queries, k) -> (distances, ids)`` over L2-normalised vectors: a
+    :class:`vericar.retrieval.KNNIndex` (exact, torch or faiss) or a :class:`vericar.index.VectorIndex`
+    (faiss flat, IVF or HNSW), so that scoring against a million-image database runs at the index's speed.
+    An approximate index may return fewer than ``k`` neighbours (id ``-1``); such a query gets the score of
+    the farthest possible unit vector, ``-2``. Queries are L2-normalised here; the index normalises its own.
+    """
+    q = np.asarray(queries, dtype=np.float32)
+    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    distances, ids = index.search(q, int(k))
+    kth = np.asarray(distances, dtype=np.float64)[:, int(k) - 1]
+    return -np.where(np.asarray(ids)[:, int(k) - 1] < 0, 2.0, np.minimum(kth, 2.0))
 
 
 # ----------------------------------------------------------------------------------------------------
