@@ -253,6 +253,7 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
     images_seen = sum(h.get("images", 0) for h in history)
     bar = tqdm(range(start_epoch, config.epochs), desc="training", disable=not progress,
                initial=start_epoch, total=config.epochs)
+    last_eval: tuple[int, np.ndarray | None] = (-1, None)  # (epoch, embeddings) of the latest evaluation
     for epoch in bar:
         torch.manual_seed(config.seed * 7919 + epoch)  # dropout; makes resumed runs equal uninterrupted ones
         gen = torch.Generator().manual_seed(config.seed * 104_729 + epoch)
@@ -299,7 +300,8 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
                   "images_per_second": n_images / max(seconds, 1e-9),
                   **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
         if ddp.is_main and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
-            record.update(evaluate(embed_all()))
+            last_eval = (epoch + 1, embed_all())
+            record.update(evaluate(last_eval[1]))
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", p1=f"{record.get('precision_at_1', float('nan')):.3f}")
         if not ddp.is_main:
@@ -314,7 +316,8 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
     if not ddp.is_main:
         distributed.barrier()  # wait for rank 0 to write the run folder
         return load_run(run_dir, cars)
-    trained = embed_all()
+    # the last epoch's evaluation already embedded every image with the final weights: reuse it
+    trained = last_eval[1] if last_eval[0] == config.epochs else embed_all()
     final = evaluate(trained)
     import resource  # ru_maxrss is in KiB on Linux: the process's peak resident memory so far
     metrics = {"frozen": frozen_metrics, "trained": final, "train_seconds": train_seconds,
