@@ -95,7 +95,7 @@ def table(runs: Path) -> pd.DataFrame:
                                             ("proxy_anchor", "norm_softmax", "arcface") else ""),
                      "backbone": cfg["backbone"], "input_px": cfg["image_size"], "epochs": cfg["epochs"],
                      "precision": "bf16 autocast" if cfg.get("cpu_bf16") else "fp32",
-                     "train_seconds": round(m["train_seconds"]), "images_per_second": round(m["images_per_second"]),
+                     "device": m["device"], "train_seconds": round(m["train_seconds"]), "images_per_second": round(m["images_per_second"]),
                      "peak_memory_gib": round(m.get("peak_memory_gib", float("nan")), 2),
                      "val_precision_at_1": round(m["trained"]["precision_at_1"], 4),
                      "val_map_at_r": round(m["trained"]["map_at_r"], 4),
@@ -128,7 +128,7 @@ def write(runs: Path) -> None:
     header = ("Recipe search (protocol `val`: 80/20 per class of the official training images of "
               "stanford_cars_small, bbox crops 128 px; CPU, 2 cores; `python scripts/recipe_search.py`). "
               "Validation numbers only; `load_at_end` is the 1-min load average when the run ended (other "
-              "work on the machine slows the wall times).\n\n")
+              "work on the machine slows the wall times; runs here used one thread each, two side by side).\n\n")
     (ROOT / "results/recipe_search.md").write_text(header + t.to_markdown(index=False) + "\n")
 
 

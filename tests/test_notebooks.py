@@ -114,3 +114,30 @@ def test_publish_refuses_synthetic_results(tmp_path):
     (tmp_path / "results" / "01_eda.json").write_text(json.dumps({"dataset": "synthetic"}))
     with pytest.raises(SystemExit, match="refusing to publish SynthCars"):
         study.publish(tmp_path, project_root=tmp_path / "repo")
+
+
+def _cell_defaults(name: str) -> dict:
+    import ast
+
+    nb = next(p for p in NOTEBOOKS if p.name.startswith(name))
+    return {k: ast.literal_eval(v["default"]) for k, v in papermill.inspect_notebook(str(nb)).items()}
+
+
+def test_one_set_of_defaults():
+    """TrainConfig's defaults are the full profile's recipe; the notebooks' parameter cells are the quick profile."""
+    from vericar.config import TrainConfig
+
+    defaults = TrainConfig()
+    assert study.PROFILES["full"]["per_notebook"]["03"] == {f: getattr(defaults, f) for f in study.RECIPE_FIELDS}
+    cell = _cell_defaults("03")
+    quick = study.PROFILES["quick"]["per_notebook"]["03"]
+    for f in study.RECIPE_FIELDS:  # the quick profile changes only what it names; the rest is the recipe
+        assert cell[f] == quick.get(f, getattr(defaults, f)), f"notebook 03's {f} = {cell[f]!r}"
+    for number, overrides in study.PROFILES["quick"]["per_notebook"].items():
+        cell = _cell_defaults(number)
+        for k, v in overrides.items():
+            assert cell[k] == v, f"notebook {number}'s {k} = {cell[k]!r}, the quick profile says {v!r}"
+    for k, v in study.PROFILES["quick"]["all"].items():
+        for number in ("01", "03", "06"):
+            if k in (cell := _cell_defaults(number)) and k not in ("data_dir", "run_dir"):
+                assert cell[k] == v, f"notebook {number}'s {k} = {cell[k]!r}, the quick profile says {v!r}"

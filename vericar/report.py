@@ -152,10 +152,22 @@ def _replace_block(text: str, start: str, end: str, body: str, readme: Path) -> 
     return f"{head}{start}\n{body}\n{end}{tail}"
 
 
+SEARCH_START, SEARCH_END = "<!-- search:start -->", "<!-- search:end -->"
+
+
+def search_table(results_dir: str | Path) -> str:
+    """The recipe search (``results/recipe_search.md``, written by ``scripts/recipe_search.py``), as it is."""
+    path = Path(results_dir) / "recipe_search.md"
+    return path.read_text().strip() if path.is_file() else "(no recipe search yet: python scripts/recipe_search.py)"
+
+
 def update_readme(readme: str | Path, results_dir: str | Path, bench_dir: str | Path | None = None) -> None:
-    """Rewrite the results block (and the benchmarks block, when ``bench_dir`` is given)."""
+    """Rewrite the results block, the recipe-search block (when the README has one) and the benchmarks block
+    (when ``bench_dir`` is given)."""
     readme = Path(readme)
     text = _replace_block(readme.read_text(), START, END, results_table(results_dir), readme)
+    if SEARCH_START in text:
+        text = _replace_block(text, SEARCH_START, SEARCH_END, search_table(results_dir), readme)
     if bench_dir is not None:
         text = _replace_block(text, BENCH_START, BENCH_END, benchmarks_table(bench_dir), readme)
     readme.write_text(text)

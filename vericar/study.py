@@ -21,12 +21,28 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .config import TrainConfig
 from .results import COMMAND_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 
-#: Profiles: parameters for every notebook, then per-notebook overrides keyed by the notebook's number.
+#: The training settings notebook 03 takes as parameters. The ``full`` profile takes them from
+#: :class:`~vericar.config.TrainConfig`'s defaults (the reference recipe: one recipe, no per-notebook copy);
+#: notebooks 04-07 read the models notebook 03 trained, 06 and 07 train theirs with the same config.
+RECIPE_FIELDS = ("backbone", "image_size", "embedding_dim", "train_backbone", "trainable_stages", "epochs",
+                 "batch_size", "m_per_class", "backbone_lr", "head_lr", "weight_decay", "flip_tta", "loss", "proxy_lr",
+                 "aug_views", "cpu_bf16", "eval_every")
+
+
+def reference_recipe() -> dict[str, Any]:
+    """The reference recipe as notebook 03's parameters: :class:`~vericar.config.TrainConfig`'s defaults."""
+    defaults = TrainConfig()
+    return {name: getattr(defaults, name) for name in RECIPE_FIELDS}
+
+
+#: Profiles: parameters for every notebook, then per-notebook overrides keyed by the notebook's number. The
+#: notebooks' parameter cells hold the ``quick`` profile (a test checks it).
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {
         "all": {"dataset": "synthetic", "data_dir": "data/synthcars", "run_dir": "runs/quick", "quick": True,
@@ -34,20 +50,17 @@ PROFILES: dict[str, dict[str, Any]] = {
         "per_notebook": {
             "03": {"image_size": 128, "epochs": 15, "batch_size": 64, "trainable_stages": 0},
             "02": {"image_size": 128, "epochs": 10, "batch_size": 64, "trainable_stages": 0},
-            "07": {"image_size": 128, "epochs": 15, "batch_size": 64},
         },
     },
     "full": {
         "all": {"dataset": "stanford_cars", "data_dir": "../shared/data/stanford_cars_small", "run_dir": "runs/full",
                 "quick": False, "device": "auto", "seed": 0},
         "per_notebook": {
-            "03": {"image_size": 160, "epochs": 20, "batch_size": 128, "trainable_stages": 1, "backbone_lr": 1e-3,
-                   "flip_tta": True, "eval_every": 5},
+            "03": reference_recipe(),
             "02": {"image_size": 160, "epochs": 10, "batch_size": 64, "trainable_stages": 0,
                    "gradient_image_size": 160,
                    "accumulation_variants": ["list_stack_mean", "writeup_wrong_loop", "item_accumulate", "no_grad",
                                              "inplace_leaf"]},
-            "07": {"image_size": 160, "epochs": 15, "batch_size": 128},
         },
     },
     # the smallest settings that still exercise every cell; used by the tests

@@ -1,0 +1,55 @@
+"""Train the reference run's models ahead of the notebooks, one per call, so that they can run in parallel.
+
+    python scripts/reference_models.py official --run-dir ~/.cache/vericar/full     # then: seed, zero-shot, ...
+    python -m vericar.study --profile full -p run_dir ~/.cache/vericar/full            # loads them, trains nothing
+
+Each model is trained exactly as the notebook that owns it would train it (same config, same run folder), so
+the notebooks find it finished and load it: ``official``, ``seed``, ``zero-shot`` and ``open-world`` as
+notebook 03 does (the full profile's recipe, :func:`vericar.study.reference_recipe`), ``open-world-year``,
+``open-world-make`` and ``ssb`` as notebook 06 does (the open-world config with another holdout, or protocol
+``ssb`` with the pooled features saved). On two CPU cores, two calls side by side (each ``OMP_NUM_THREADS=1``
+and pinned to a core with ``taskset``) train two models in the time of one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from vericar import study
+from vericar.config import TrainConfig
+from vericar.data import open_dataset
+from vericar.train import train
+
+MODELS = ("official", "seed", "zero-shot", "open-world", "open-world-year", "open-world-make", "ssb")
+
+
+def config_for(name: str) -> TrainConfig:
+    """The config notebook 03 (protocols) or notebook 06 (holdouts, SSB) builds for ``name``."""
+    full = study.PROFILES["full"]["all"]
+    base = TrainConfig(protocol="official", device=full["device"], seed=full["seed"], **study.reference_recipe())
+    if name in ("official", "seed", "zero-shot", "open-world"):
+        return dataclasses.replace(base, protocol=name)
+    if name.startswith("open-world-"):
+        return dataclasses.replace(base, protocol="open-world", holdout=name.split("-")[-1])
+    return dataclasses.replace(base, protocol="ssb", holdout="model", save_pooled=True, ssb_file="")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", choices=MODELS)
+    parser.add_argument("--run-dir", type=Path, required=True, help="the study run folder (models go to models/)")
+    args = parser.parse_args(argv)
+    data_dir = (study.PROJECT_ROOT / study.PROFILES["full"]["all"]["data_dir"]).resolve()
+    cars = open_dataset("stanford_cars", str(data_dir))
+    for name in args.models:
+        run = train(cars, config_for(name), args.run_dir / "models" / name)
+        print(json.dumps({"model": name, "trained": run.metrics["trained"]["precision_at_1"],
+                          "train_seconds": run.metrics["train_seconds"]}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
