@@ -80,3 +80,8 @@ def annotation_struct(records: list[dict]) -> np.ndarray:
 
 requires_real_data = pytest.mark.skipif(not REAL_SMALL.is_dir(), reason="../shared/data is not present")
 requires_devkit = pytest.mark.skipif(not REAL_DEVKIT.is_dir(), reason="../shared/data devkit is not present")
+
+
+#: A small end-to-end fine-tune with the MS loss: what the unit tests of training, embedding and prediction
+#: exercise, independent of the reference recipe that TrainConfig's defaults hold.
+FINE_TUNE_MS = dict(train_backbone=True, trainable_stages=0, loss="ms", flip_tta=False, eval_every=1)

@@ -24,13 +24,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import FINE_TUNE_MS
 from vericar import distributed
 from vericar.embed import decode_images, embed_batches
 from vericar.config import TrainConfig
 from vericar.runs import load_model, load_run
 from vericar.train import train
 
-FINE_TUNE = TrainConfig(protocol="official", backbone="tiny_cnn", pretrained=False, image_size=32, epochs=3,
+FINE_TUNE = TrainConfig(**FINE_TUNE_MS, protocol="official", backbone="tiny_cnn", pretrained=False, image_size=32, epochs=3,
                         batch_size=16, m_per_class=4, backbone_lr=3e-3, head_lr=3e-3, device="cpu", dropout=0.0)
 # partial mode (cached trunk + last stage) with a hierarchical loss: the generic gather path with level labels
 PARTIAL = dataclasses.replace(FINE_TUNE, train_backbone=False, trainable_stages=1, loss="hims_min", epochs=2)

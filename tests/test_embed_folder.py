@@ -12,12 +12,13 @@ import torch
 from PIL import Image
 
 import vericar.embed_folder as ef
+from conftest import FINE_TUNE_MS
 from vericar.embed import embed_batches
 from vericar.config import TrainConfig
 from vericar.runs import load_model
 from vericar.train import train
 
-TINY = TrainConfig(protocol="official", backbone="tiny_cnn", pretrained=False, image_size=32, epochs=1,
+TINY = TrainConfig(**FINE_TUNE_MS, protocol="official", backbone="tiny_cnn", pretrained=False, image_size=32, epochs=1,
                    batch_size=16, m_per_class=4, device="cpu")
 
 

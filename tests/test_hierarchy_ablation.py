@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy.stats import binomtest
 
+from conftest import FINE_TUNE_MS
 from vericar.analyses import hierarchy as ablation
 from vericar.analyses.hierarchy import (DEPTH_LABELS, _sources, base_config, compare_variants, effective_level_weights,
                               error_depth, grid_configs, holm, level_outcomes, outcome_metrics, paired_comparison,
@@ -249,7 +250,7 @@ def test_base_config_reads_reference_and_applies_overrides(tmp_path):
 def test_grid_configs_change_only_loss_protocol_and_kwargs():
     from vericar.config import TrainConfig
 
-    base = TrainConfig(backbone="tiny_cnn", image_size=32, epochs=2, batch_size=16)
+    base = TrainConfig(**FINE_TUNE_MS, backbone="tiny_cnn", image_size=32, epochs=2, batch_size=16)
     grid = grid_configs(base, ["ms", "hims_min"], ["seed", "zero-shot"], hierarchical_kwargs={"order": "coarse_to_fine"})
     assert list(grid) == [("ms", "seed"), ("ms", "zero-shot"), ("hims_min", "seed"), ("hims_min", "zero-shot")]
     assert grid[("ms", "seed")].loss_kwargs == {}

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import FINE_TUNE_MS
 from vericar.predict import CarIdentifier
 from vericar.config import TrainConfig
 from vericar.train import train
@@ -62,7 +63,7 @@ def test_threshold_accepts_the_requested_share_of_the_database(identifier):
 
 
 def test_from_run_identifies_photos(synthcars_tiny, tmp_path):
-    config = TrainConfig(protocol="open-world", backbone="tiny_cnn", pretrained=False, image_size=32, epochs=1,
+    config = TrainConfig(**FINE_TUNE_MS, protocol="open-world", backbone="tiny_cnn", pretrained=False, image_size=32, epochs=1,
                          batch_size=16, m_per_class=4, device="cpu", holdout_fraction=0.3)
     run = train(synthcars_tiny, config, tmp_path / "run", progress=False)
     ident = CarIdentifier.from_run(run, synthcars_tiny, k=3)

@@ -13,13 +13,14 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import FINE_TUNE_MS
 from vericar.data import open_dataset
 from vericar.runio import RunFileError, UnsafeCheckpointError, load_checkpoint
 from vericar.config import TrainConfig
 from vericar.runs import RunConfigError, export_run, load_model, load_run
 from vericar.train import main, train
 
-TINY = TrainConfig(protocol="official", backbone="tiny_cnn", pretrained=False, image_size=32, epochs=2,
+TINY = TrainConfig(**FINE_TUNE_MS, protocol="official", backbone="tiny_cnn", pretrained=False, image_size=32, epochs=2,
                    batch_size=16, m_per_class=4, device="cpu")
 
 

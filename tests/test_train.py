@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import FINE_TUNE_MS
 from vericar.embed import augment, decode_images, embed_batches
 from vericar.config import TrainConfig
 from vericar.runs import load_model, load_run
 from vericar.train import train
 
-TINY = TrainConfig(protocol="official", backbone="tiny_cnn", pretrained=False, image_size=32, epochs=3,
+TINY = TrainConfig(**FINE_TUNE_MS, protocol="official", backbone="tiny_cnn", pretrained=False, image_size=32, epochs=3,
                    batch_size=16, m_per_class=4, backbone_lr=3e-3, head_lr=3e-3, device="cpu")
 
 
