@@ -16,7 +16,6 @@ from vericar.app import create_app  # noqa: E402
 from vericar.identify import ADDED_FILE, IdentifyService, recipe_config  # noqa: E402
 from vericar.predict import CarIdentifier  # noqa: E402
 from vericar.study import PROFILES  # noqa: E402
-from vericar.train import TrainConfig, train  # noqa: E402
 
 
 def encode(image: Image.Image, fmt: str = "JPEG") -> bytes:
@@ -26,13 +25,8 @@ def encode(image: Image.Image, fmt: str = "JPEG") -> bytes:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(synthcars_tiny, tmp_path_factory):
-    """A tiny open-world run (tiny_cnn, 32 px, flip TTA): some classes are in no database."""
-    config = TrainConfig(protocol="open-world", backbone="tiny_cnn", pretrained=False, image_size=32, epochs=1,
-                         batch_size=16, m_per_class=4, device="cpu", holdout_fraction=0.3, flip_tta=True,
-                         train_backbone=False, trainable_stages=1)
-    root = tmp_path_factory.mktemp("app")
-    return train(synthcars_tiny, config, root / "run", progress=False, cache_dir=root / "cache")
+def tiny_run(tiny_open_world_run):
+    return tiny_open_world_run
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +147,22 @@ def test_recipe_is_read_from_the_profiles():
     for key, value in chosen.items():
         if hasattr(config, key):
             assert getattr(config, key) == value, key
+
+
+def test_load_20_clients_x_10_requests_without_errors(tiny_run):
+    """Bounded load on localhost; p50/p95 latency go to benchmarks/results/app_load_test.json."""
+    import importlib.util
+
+    from conftest import PROJECT_ROOT
+    spec = importlib.util.spec_from_file_location("bench_app", PROJECT_ROOT / "benchmarks" / "bench_app.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    service = IdentifyService.from_run(tiny_run.path, backend="torch")
+    app = create_app(service)
+    result = bench.load_test(app, bench.query_photos(service, tiny_run), clients=20, requests=10)
+    bench.write(result, "app_load_test", command="pytest tests/test_app.py -k load", backbone="tiny_cnn",
+                image_size=32, note="the test suite's tiny model: latency of the app machinery, not of a real model")
+    assert result["requests"] == 200 and result["errors"] == 0
+    assert 0 < result["p50_ms"] <= result["p95_ms"] <= result["max_ms"]
+    assert result["largest_batch"] > 1  # requests that waited together were embedded as one batch
+    assert result["health_probe_p95_ms"] is not None

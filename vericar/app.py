@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
@@ -140,6 +143,27 @@ def create_app(service: IdentifyService, *, max_batch: int = 32, max_files: int 
         return {**added, "skipped": skipped}
 
     return app
+
+
+@contextmanager
+def serving(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0):
+    """Serve ``app`` with uvicorn on a background thread (``port`` 0: a free one); yields the base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True, name="vericar-app")
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the app did not start on {host}:{port} within {timeout:.0f} s")
+        time.sleep(0.05)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -58,7 +60,9 @@ def export_onnx(model, image_size: int, path: str | Path, *, opset: int = 17) ->
     wrapper = _FromPixels(model.cpu()).eval()
     example = torch.full((2, 3, image_size, image_size), 128.0)
     tmp = path.with_name(path.name + ".tmp")
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # the TorchScript exporter: torch's newer dynamo exporter needs onnxscript and minutes on 2 cores
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(wrapper, (example,), str(tmp), input_names=["pixels"], output_names=["embedding"],
                           dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=opset,
                           dynamo=False)
@@ -111,7 +115,8 @@ def torch_embedder(model, *, bf16: bool = False) -> Embedder:
 
 
 def make_embedder(model, image_size: int, backend: str, onnx_path: str | Path | None = None) -> Embedder:
-    """An embedder of the named backend; ``onnx`` exports the model to ``onnx_path`` (a temp file if None)."""
+    """An embedder of the named backend; ``onnx`` reads ``onnx_path``, exporting the model there first when it is
+    missing (a temporary file if None)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend != "onnx":
@@ -141,7 +146,8 @@ def throughput(embedder: Embedder, images: torch.Tensor, repeats: int = 3) -> fl
 
 
 def select_backend(model, image_size: int, images: torch.Tensor, *, candidates=BACKENDS,
-                   tolerance: float = TOLERANCE, repeats: int = 2) -> tuple[str, Embedder, list[dict]]:
+                   tolerance: float = TOLERANCE, repeats: int = 2,
+                   onnx_path: str | Path | None = None) -> tuple[str, Embedder, list[dict]]:
     """The fastest backend whose embeddings of ``images`` match torch float32 within ``tolerance``.
 
     Returns ``(name, embedder, report)``; ``report`` has one row per candidate (img/s, cosine gap, matches,
@@ -152,7 +158,7 @@ def select_backend(model, image_size: int, images: torch.Tensor, *, candidates=B
     report, usable = [], {}
     for name in candidates:
         try:
-            embedder = reference if name == "torch" else make_embedder(model, image_size, name)
+            embedder = reference if name == "torch" else make_embedder(model, image_size, name, onnx_path)
             gap = cosine_gap(expected, embedder(images))
             row = {"backend": name, "images_per_second": throughput(embedder, images, repeats), "cosine_gap": gap,
                    "matches": gap <= tolerance}
@@ -163,6 +169,17 @@ def select_backend(model, image_size: int, images: torch.Tensor, *, candidates=B
             usable[name] = (row["images_per_second"], embedder)
     best = max(usable, key=lambda n: usable[n][0])
     return best, usable[best][1], report
+
+
+def run_onnx_path(run) -> Path | None:
+    """Where a run's exported model is kept: ``<run>/model.onnx`` (stale copies removed), None if read-only."""
+    path = Path(run.path) / "model.onnx"
+    if path.is_file() and path.stat().st_mtime >= run.model_path.stat().st_mtime:
+        return path
+    if not os.access(run.path, os.W_OK):
+        return None
+    path.unlink(missing_ok=True)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -240,7 +240,7 @@ class IdentifyService:
     def from_run(cls, run_dir: str | Path, *, data_dir=None, backend: str = "torch", persist: bool = False,
                  **kwargs) -> "IdentifyService":
         """Load a run folder once: model, database, dataset; ``backend`` ``auto`` picks the fastest that matches."""
-        from .export import make_embedder, select_backend
+        from .export import make_embedder, run_onnx_path, select_backend
 
         run, cars = open_run(run_dir, data_dir)
         identifier = CarIdentifier.from_run(run, cars)
@@ -248,9 +248,10 @@ class IdentifyService:
         if backend == "auto":
             sample = torch.stack([square_tensor(cars.image(int(r)), run.config.image_size, model.spec.interpolation)
                                   for r in run.split.database[:32]])
-            backend, embedder, _ = select_backend(model, run.config.image_size, sample)
+            backend, embedder, _ = select_backend(model, run.config.image_size, sample, onnx_path=run_onnx_path(run))
         else:
-            embedder = make_embedder(model, run.config.image_size, backend)
+            embedder = make_embedder(model, run.config.image_size, backend,
+                                     run_onnx_path(run) if backend == "onnx" else None)
         return cls(identifier, cars, run.split.database, embedder=embedder, backend=backend, run_dir=Path(run_dir),
                    persist=persist, **kwargs)
 
