@@ -276,13 +276,25 @@ class IdentifyService:
         out = []
         for i, row in enumerate(table.to_dict("records")):
             neighbours = [{"class_name": str(names[self.identifier.index.labels[p]]), "distance": float(d),
-                           "thumbnail": data_url(self.thumbnail(p))} for d, p in zip(distances[i], positions[i])]
+                           "database_index": int(p), "thumbnail": data_url(self.thumbnail(p))}
+                          for d, p in zip(distances[i], positions[i])]
             out.append({"class_name": str(row["class_name"]),
                         "levels": {lv: {"answer": _plain(row[lv]), "confidence": float(row[f"{lv}_confidence"])}
                                    for lv in LEVELS},
                         "known": bool(row["known"]), "score": float(row["score"]),
                         "threshold": float(self.identifier.threshold), "neighbours": neighbours})
         return out
+
+    def database_image(self, position: int) -> Image.Image:
+        """The database image at ``position`` of the index (an added photo only as its thumbnail)."""
+        if position < self.n_database:
+            return self.cars.image(int(self.database_rows[position]))
+        return Image.open(io.BytesIO(self.added.thumbnails[position - self.n_database]))
+
+    def in_database(self) -> set[str]:
+        """Class names that have at least one database image (the class table also lists held-out classes)."""
+        names = self.identifier.class_table["class_name"].to_numpy()
+        return set(names[np.unique(self.identifier.index.labels)])
 
     def thumbnail(self, position: int) -> bytes:
         """JPEG thumbnail of the database image at ``position`` of the index (a dataset image or an added photo)."""
@@ -295,7 +307,7 @@ class IdentifyService:
         name = " ".join((name or "").split())
         if not name:
             raise BadInput("the new car needs a name, e.g. 'Zentra Volo Sedan 2013' (make, model, body, year)")
-        if name in set(self.identifier.class_table["class_name"]):
+        if name in self.in_database():
             raise BadInput(f"a car named {name!r} is already in the database; choose another name", status=409)
         try:
             parse_class_name(name)
@@ -327,6 +339,72 @@ class IdentifyService:
                 "backend": self.backend, "image_size": cfg.image_size, "database_size": len(cfg.index),
                 "classes": len(cfg.class_table), "added_photos": len(self.added.names),
                 "threshold": float(cfg.threshold), "note": self.note}
+
+
+def answers_table(answers: Sequence[dict]) -> "pd.DataFrame":
+    """:meth:`IdentifyService.identify`'s answers as one row per photo (answer and confidence per level)."""
+    import pandas as pd
+
+    rows = [{"class_name": a["class_name"], **{lv: a["levels"][lv]["answer"] for lv in LEVELS},
+             **{f"{lv}_confidence": a["levels"][lv]["confidence"] for lv in LEVELS},
+             "known": a["known"], "score": a["score"], "threshold": a["threshold"]} for a in answers]
+    return pd.DataFrame(rows)
+
+
+def level_accuracy(predicted: "pd.DataFrame", truth: "pd.DataFrame") -> dict[str, float]:
+    """Share of rows whose answer is right at each level (and the whole class), rows aligned."""
+    out = {f"accuracy_{lv}": float(np.mean(predicted[lv].to_numpy() == truth[lv].to_numpy())) for lv in LEVELS}
+    out["accuracy_class"] = float(np.mean(predicted["class_name"].to_numpy() == truth["class_name"].to_numpy()))
+    return out
+
+
+def confidence_table(predicted: "pd.DataFrame", truth: "pd.DataFrame", at: float = 0.8) -> "pd.DataFrame":
+    """Per level: share of answers with confidence >= ``at``, their accuracy, and the others' accuracy."""
+    import pandas as pd
+
+    out = {}
+    for lv in LEVELS:
+        right = predicted[lv].to_numpy() == truth[lv].to_numpy()
+        sure = predicted[f"{lv}_confidence"].to_numpy() >= at
+        out[lv] = {"share confident": sure.mean(), "accuracy if confident": right[sure].mean() if sure.any() else np.nan,
+                   "accuracy otherwise": right[~sure].mean() if (~sure).any() else np.nan}
+    return pd.DataFrame(out)
+
+
+def adding_table(stages: dict[str, Sequence[dict]], name: str, model: str) -> "pd.DataFrame":
+    """Per stage (e.g. before / after adding a car): share of its photos flagged unknown, named ``name``, and
+    whose model-level answer is ``model``."""
+    import pandas as pd
+
+    return pd.DataFrame({stage: {"flagged unknown": np.mean([not a["known"] for a in answers]),
+                                 "named right": np.mean([a["class_name"] == name for a in answers]),
+                                 "model right": np.mean([a["levels"]["model"]["answer"] == model for a in answers])}
+                         for stage, answers in stages.items()})
+
+
+def neighbour_images(service: IdentifyService, answers: Sequence[dict]) -> list[list[Image.Image]]:
+    """The database images of each answer's nearest neighbours (for figures)."""
+    return [[service.database_image(n["database_index"]) for n in a["neighbours"]] for a in answers]
+
+
+def pick_unknown_class(run: TrainedRun, cars: CarsDataset, shots: int = 5) -> tuple[str, np.ndarray, np.ndarray]:
+    """A held-out class of an open-world run for the add-without-retraining demo, chosen by counts only.
+
+    Among the held-out classes with at least ``shots`` labelled images (``split.ood_database``), the one with
+    the most test photos (``split.ood_query``). Returns its name, ``shots`` rows to add and its test rows.
+    """
+    split, labels = run.split, cars.labels
+    if not len(split.ood_query):
+        raise ValueError(f"{run.path} (protocol {run.config.protocol!r}) holds no car out of its database; "
+                         "use an open-world run (notebook 03 trains runs/<profile>/models/open-world)")
+    add_counts = np.bincount(labels[split.ood_database], minlength=cars.num_classes)
+    query_counts = np.bincount(labels[split.ood_query], minlength=cars.num_classes)
+    query_counts[add_counts < shots] = 0
+    if query_counts.max() == 0:
+        raise ValueError(f"no held-out class has {shots} labelled images and a test photo; lower shots")
+    label = int(np.argmax(query_counts))
+    return (str(cars.class_names[label]), split.ood_database[labels[split.ood_database] == label][:shots],
+            split.ood_query[labels[split.ood_query] == label])
 
 
 def _plain(value):
