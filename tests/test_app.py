@@ -166,3 +166,26 @@ def test_load_20_clients_x_10_requests_without_errors(tiny_run):
     assert 0 < result["p50_ms"] <= result["p95_ms"] <= result["max_ms"]
     assert result["largest_batch"] > 1  # requests that waited together were embedded as one batch
     assert result["health_probe_p95_ms"] is not None
+
+
+def test_default_run_is_the_newest_real_one(tmp_path):
+    import json
+    import os
+
+    from vericar.identify import default_run, find_runs
+
+    def fake(path, dataset, mtime):
+        path.mkdir(parents=True)
+        (path / "config.json").write_text(json.dumps({"dataset": dataset}))
+        for name in ("metrics.json", "embeddings.npz"):
+            (path / name).write_text("{}")
+        os.utime(path / "metrics.json", (mtime, mtime))
+
+    fake(tmp_path / "a" / "models" / "official", "Stanford Cars 196", 1_000)
+    fake(tmp_path / "b" / "models" / "official", "Stanford Cars 196", 2_000)
+    fake(tmp_path / "c" / "models" / "official", "SynthCars", 3_000)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "metrics.json").write_text("{}")  # not a run: no embeddings
+    assert find_runs([tmp_path])[0] == tmp_path / "c" / "models" / "official" and len(find_runs([tmp_path])) == 3
+    run, note = default_run([tmp_path])
+    assert run == tmp_path / "b" / "models" / "official" and "real-data" in note

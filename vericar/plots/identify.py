@@ -27,7 +27,7 @@ def identification_figure(photos, answers, neighbour_images, truths=None, size: 
     class names: the answer's title is green when right, red when wrong, orange when flagged unknown.
     """
     n, k = len(photos), max(len(a["neighbours"]) for a in answers)
-    fig, axes = plt.subplots(n, k + 2, figsize=((k + 2) * size, n * size * 1.25), squeeze=False,
+    fig, axes = plt.subplots(n, k + 2, figsize=((k + 2) * size, n * size * 0.85), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 1.1] + [1] * k})
     for ax in axes.ravel():
         ax.axis("off")
