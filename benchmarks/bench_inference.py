@@ -72,18 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for flip in (False, True) for row in run(backbone, sizes, n, args.repeats, flip)]
     import onnxruntime
 
-    payload = {"benchmark": "embedding throughput, CPU", "command": "python benchmarks/bench_inference.py "
+    payload = {"benchmark": "bench_inference", "command": "python benchmarks/bench_inference.py "
                + " ".join(argv if argv is not None else sys.argv[1:]), "images": n, "repeats": args.repeats,
                "rows": rows, "seconds": time.time() - start,
                "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                           "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-                           "platform": platform.platform(), "torch": torch.__version__,
-                           "onnxruntime": onnxruntime.__version__},
-               "created": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+                           "load_average_1_5_15min_at_start": load_before,
+                           "load_average_1_5_15min_at_end": os.getloadavg(), "platform": platform.platform(),
+                           "torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+               "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())}
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"bench_inference{'_quick' if args.quick else ''}.json"
     out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {out} (load {load_before[0]:.1f} before, {payload['machine']['loadavg_after'][0]:.1f} after)")
+    print(f"wrote {out} (load {load_before[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end)")
     return 0
 
 

@@ -42,9 +42,11 @@ class Batcher:
         self.batches: list[int] = []  # photos per batch run (the load test reads it)
 
     def _ensure_worker(self) -> asyncio.Queue:
-        if self.worker is None or self.worker.done():
+        """The queue of the running event loop, with its worker task (started on first use in each loop)."""
+        loop = asyncio.get_running_loop()
+        if self.worker is None or self.worker.done() or self.worker.get_loop() is not loop:
             self.queue = asyncio.Queue()
-            self.worker = asyncio.get_running_loop().create_task(self._run())
+            self.worker = loop.create_task(self._run())
         return self.queue
 
     async def identify(self, images) -> list[dict]:

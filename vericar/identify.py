@@ -247,7 +247,7 @@ class IdentifyService:
         model = load_model(run)
         if backend == "auto":
             sample = torch.stack([square_tensor(cars.image(int(r)), run.config.image_size, model.spec.interpolation)
-                                  for r in run.split.database[:32]])
+                                  for r in run.split.database[:16]])
             backend, embedder, _ = select_backend(model, run.config.image_size, sample, onnx_path=run_onnx_path(run))
         else:
             embedder = make_embedder(model, run.config.image_size, backend,

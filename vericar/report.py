@@ -83,6 +83,9 @@ def benchmarks_table(bench_dir: str | Path) -> str:
             continue
         payload = json.loads(path.read_text())
         name = payload.get("benchmark", path.stem)
+        if "rows" in payload:  # bench_inference: embedding throughput per backend
+            out += _inference_table(name, payload)
+            continue
         data = f", {payload['data']} data" if payload.get("data") else ""
         out.append(f"`python benchmarks/{name}.py` ({payload.get('n_queries')} queries, {payload.get('dim')}-d"
                    f"{data}; {_machine(payload)}; {payload.get('timestamp', '')[:10]}):")
@@ -98,6 +101,18 @@ def benchmarks_table(bench_dir: str | Path) -> str:
             out.append(row + (f" {r.get('recall_at_1', float('nan')):.3f} |" if recall else ""))
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def _inference_table(name: str, payload: dict) -> list[str]:
+    rows = payload["rows"]
+    out = [f"`python benchmarks/{name}.py` ({payload.get('images')} images, {rows[0]['backbone']}; "
+           f"{_machine(payload)}; {payload.get('timestamp', '')[:10]}):", "",
+           "| input | flip TTA | backend | images/s | speed vs torch fp32 | max 1 - cos vs torch fp32 |",
+           "|---|---|---|---|---|---|"]
+    out += [f"| {r['image_size']} px | {'yes' if r['flip_tta'] else 'no'} | {r['backend']} | "
+            f"{r['images_per_second']:,.0f} | {r['speedup_vs_torch_fp32']:.2f}x | "
+            f"{r['max_cosine_gap_vs_torch_fp32']:.1e} |" for r in rows]
+    return out + [""]
 
 
 def _replace_block(text: str, start: str, end: str, body: str, readme: Path) -> str:
