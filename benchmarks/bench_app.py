@@ -29,16 +29,20 @@ RESULTS = ROOT / "benchmarks" / "results"
 async def _load(url: str, photos: list[bytes], clients: int, requests: int) -> dict:
     import httpx
 
-    latencies, statuses, health = [], [], []
+    latencies, statuses, health, failures = [], [], [], []
     done = asyncio.Event()
     async with httpx.AsyncClient(timeout=120) as http:
         async def client(c: int) -> None:
             for i in range(requests):
                 photo = photos[(c * requests + i) % len(photos)]
                 t0 = time.perf_counter()
-                r = await http.post(f"{url}/identify", files=[("photos", (f"c{c}-{i}.jpg", photo, "image/jpeg"))])
+                try:
+                    r = await http.post(f"{url}/identify", files=[("photos", (f"c{c}-{i}.jpg", photo, "image/jpeg"))])
+                    statuses.append(r.status_code if r.status_code != 200 or r.json()["results"] else -1)
+                except httpx.HTTPError as err:  # counted as an error, named in the result
+                    statuses.append(-2)
+                    failures.append(f"{type(err).__name__}: {err}")
                 latencies.append(time.perf_counter() - t0)
-                statuses.append(r.status_code if r.status_code != 200 or r.json()["results"] else -1)
 
         async def probe() -> None:
             while not done.is_set():
@@ -55,7 +59,7 @@ async def _load(url: str, photos: list[bytes], clients: int, requests: int) -> d
         await prober
     ms = np.array(latencies) * 1000
     return {"clients": clients, "requests_per_client": requests, "requests": len(latencies),
-            "errors": int(sum(s != 200 for s in statuses)), "p50_ms": float(np.percentile(ms, 50)),
+            "errors": int(sum(s != 200 for s in statuses)), "failures": failures[:5], "p50_ms": float(np.percentile(ms, 50)),
             "p95_ms": float(np.percentile(ms, 95)), "max_ms": float(ms.max()), "requests_per_second": len(ms) / wall,
             "health_probe_p95_ms": float(np.percentile(np.array(health) * 1000, 95)) if health else None}
 

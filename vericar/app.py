@@ -152,7 +152,9 @@ def serving(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float
     """Serve ``app`` with uvicorn on a background thread (``port`` 0: a free one); yields the base URL."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    # keep-alive longer than uvicorn's 5 s: under load a pooled connection may idle that long between requests,
+    # and a client racing the server's close would see a reset connection
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_keep_alive=60))
     thread = threading.Thread(target=server.run, daemon=True, name="vericar-app")
     thread.start()
     deadline = time.monotonic() + timeout

@@ -140,6 +140,17 @@ def default_run(roots: Sequence[Path] = DEFAULT_RUN_ROOTS) -> tuple[Path, str]:
 
 # -- the chosen recipe ---------------------------------------------------------------------------------
 
+def notebook_parameters(path: Path) -> dict:
+    """The default values of a notebook's ``parameters`` cell (its literal assignments)."""
+    cells = [c for c in json.loads(Path(path).read_text())["cells"]
+             if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise ValueError(f"{path} needs exactly one cell tagged 'parameters', found {len(cells)}")
+    tree = ast.parse("".join(cells[0]["source"]))
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+
+
 def recipe_config(profile: str = "full", protocol: str = "official") -> tuple[TrainConfig, dict]:
     """The TrainConfig notebook 03 builds under ``profile`` (its parameter defaults + the profile's overrides).
 
@@ -147,10 +158,7 @@ def recipe_config(profile: str = "full", protocol: str = "official") -> tuple[Tr
     one notebook 03 makes (a finished one is reused, not retrained). Also returns the profile's common
     parameters (dataset, data_dir, run_dir).
     """
-    import papermill
-
-    declared = papermill.inspect_notebook(str(NOTEBOOKS_DIR / "03_training.ipynb"))
-    params = {k: ast.literal_eval(v["default"]) for k, v in declared.items()}
+    params = notebook_parameters(NOTEBOOKS_DIR / "03_training.ipynb")
     params.update(PROFILES[profile]["all"])
     params.update(PROFILES[profile]["per_notebook"].get("03", {}))
     fields = set(TrainConfig.__dataclass_fields__)
