@@ -189,3 +189,34 @@ def test_default_run_is_the_newest_real_one(tmp_path):
     assert find_runs([tmp_path])[0] == tmp_path / "c" / "models" / "official" and len(find_runs([tmp_path])) == 3
     run, note = default_run([tmp_path])
     assert run == tmp_path / "b" / "models" / "official" and "real-data" in note
+
+
+def test_python_m_vericar_app_serves_a_run(tiny_run):
+    """The command itself: start it on a free port, read /health, stop it."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from conftest import PROJECT_ROOT
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "vericar.app", "--run", str(tiny_run.path), "--port", str(port),
+                             "--backend", "onnx"], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline, health = time.monotonic() + 240, None  # imports alone take minutes on a busy machine
+        while health is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5))
+            except OSError:
+                time.sleep(0.3)
+        assert health is not None, f"the app did not answer: {proc.stdout.read() if proc.poll() is not None else ''}"
+        assert health["backend"] == "onnx" and health["run"] == str(tiny_run.path)
+        assert f"serving {tiny_run.path}" in health["note"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
