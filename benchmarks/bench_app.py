@@ -59,7 +59,8 @@ async def _load(url: str, photos: list[bytes], clients: int, requests: int) -> d
         await prober
     ms = np.array(latencies) * 1000
     return {"clients": clients, "requests_per_client": requests, "requests": len(latencies),
-            "errors": int(sum(s != 200 for s in statuses)), "failures": failures[:5], "p50_ms": float(np.percentile(ms, 50)),
+            "errors": int(sum(s != 200 for s in statuses)), "failures": failures[:5],
+            "p50_ms": float(np.percentile(ms, 50)),
             "p95_ms": float(np.percentile(ms, 95)), "max_ms": float(ms.max()), "requests_per_second": len(ms) / wall,
             "health_probe_p95_ms": float(np.percentile(np.array(health) * 1000, 95)) if health else None}
 

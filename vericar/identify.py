@@ -374,7 +374,8 @@ def confidence_table(predicted: "pd.DataFrame", truth: "pd.DataFrame", at: float
     for lv in LEVELS:
         right = predicted[lv].to_numpy() == truth[lv].to_numpy()
         sure = predicted[f"{lv}_confidence"].to_numpy() >= at
-        out[lv] = {"share confident": sure.mean(), "accuracy if confident": right[sure].mean() if sure.any() else np.nan,
+        out[lv] = {"share confident": sure.mean(),
+                   "accuracy if confident": right[sure].mean() if sure.any() else np.nan,
                    "accuracy otherwise": right[~sure].mean() if (~sure).any() else np.nan}
     return pd.DataFrame(out)
 
