@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PROFILE ?= quick
 
-.PHONY: study test reference setup clean gpu-carry
+.PHONY: study test reference setup clean gpu-carry identifier
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -21,6 +21,12 @@ study: $(VENV)/.installed
 # The reference run whose figures/ and results/ are committed (real data; see README).
 reference: $(VENV)/.installed
 	$(PY) -m vericar.study --profile full --publish
+
+# A real Stanford Cars identifier in the browser: train (or reuse) the official-protocol model with the full
+# profile's recipe (notebook 03's run folder), then serve it at http://127.0.0.1:8000/ (vericar.app).
+identifier: $(VENV)/.installed
+	$(PY) -m vericar.identify --profile full
+	$(PY) -m vericar.app --run runs/full/models/official
 
 # What a GPU trip carries (README, "GPU trip"): the GPU copy of the data as one archive (the device's upload
 # limit counts per-file overhead) and the wheels the device lacks; scripts/gpu_trip.sh unpacks them there.

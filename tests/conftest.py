@@ -67,6 +67,19 @@ def synthcars_tiny(tmp_path_factory):
                         progress=False)
 
 
+@pytest.fixture(scope="session")
+def tiny_open_world_run(synthcars_tiny, tmp_path_factory):
+    """A tiny trained open-world run (tiny_cnn, 32 px, flip TTA; some classes in no database), once per session."""
+    from vericar.config import TrainConfig
+    from vericar.train import train
+
+    config = TrainConfig(protocol="open-world", backbone="tiny_cnn", pretrained=False, image_size=32, epochs=1,
+                         batch_size=16, m_per_class=4, device="cpu", holdout_fraction=0.3, flip_tta=True,
+                         train_backbone=False, trainable_stages=1)
+    root = tmp_path_factory.mktemp("tiny_open_world")
+    return train(synthcars_tiny, config, root / "run", progress=False, cache_dir=root / "cache")
+
+
 def annotation_struct(records: list[dict]) -> np.ndarray:
     """A MATLAB struct array like the devkit's ``annotations`` (fields in the records' key order)."""
     fields = list(records[0].keys())

@@ -82,3 +82,16 @@ def test_readme_benchmarks_match_committed_json():
     from vericar.report import benchmarks_table
     block = README.split("<!-- benchmarks:start -->\n", 1)[1].split("\n<!-- benchmarks:end -->", 1)[0]
     assert block == benchmarks_table(ROOT / "benchmarks" / "results")
+
+
+def test_benchmarks_table_shows_inference_backends(tmp_path):
+    import json
+    from vericar.report import benchmarks_table
+    (tmp_path / "bench_inference.json").write_text(json.dumps({
+        "benchmark": "bench_inference", "images": 128, "machine": {"cpu_count": 2, "torch": "2.14.1"},
+        "timestamp": "2026-12-02T16:00:00", "rows": [
+            {"backbone": "efficientnet_lite0", "image_size": 128, "flip_tta": False, "backend": "onnx",
+             "images_per_second": 512.4, "speedup_vs_torch_fp32": 1.86, "max_cosine_gap_vs_torch_fp32": 6e-8}]}))
+    table = benchmarks_table(tmp_path)
+    assert "`python benchmarks/bench_inference.py` (128 images, efficientnet_lite0; 2 CPU cores" in table
+    assert "| 128 px | no | onnx | 512 | 1.86x | 6.0e-08 |" in table

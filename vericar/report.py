@@ -96,6 +96,9 @@ def benchmarks_table(bench_dir: str | Path) -> str:
             continue
         payload = json.loads(path.read_text())
         name = payload.get("benchmark", path.stem)
+        if "rows" in payload:  # bench_inference: embedding throughput per backend
+            out += _inference_table(name, payload)
+            continue
         if payload.get("kind") == "train":
             out += [_train_benchmark_table(payload), ""]
             continue
@@ -142,6 +145,18 @@ def _generic_table(payload: dict) -> str:
     rows = pd.DataFrame(payload.get("results", []))
     head = f"`python benchmarks/{payload.get('benchmark')}.py` ({_machine(payload)}; {payload.get('timestamp', '')[:10]}):"
     return head + "\n\n" + (rows.to_markdown(index=False, floatfmt=".4g") if not rows.empty else "(no rows)")
+
+
+def _inference_table(name: str, payload: dict) -> list[str]:
+    rows = payload["rows"]
+    out = [f"`python benchmarks/{name}.py` ({payload.get('images')} images, {rows[0]['backbone']}; "
+           f"{_machine(payload)}; {payload.get('timestamp', '')[:10]}):", "",
+           "| input | flip TTA | backend | images/s | speed vs torch fp32 | max 1 - cos vs torch fp32 |",
+           "|---|---|---|---|---|---|"]
+    out += [f"| {r['image_size']} px | {'yes' if r['flip_tta'] else 'no'} | {r['backend']} | "
+            f"{r['images_per_second']:,.0f} | {r['speedup_vs_torch_fp32']:.2f}x | "
+            f"{r['max_cosine_gap_vs_torch_fp32']:.1e} |" for r in rows]
+    return out + [""]
 
 
 def _replace_block(text: str, start: str, end: str, body: str, readme: Path) -> str:

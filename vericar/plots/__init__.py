@@ -13,5 +13,6 @@ from .embedding import *  # noqa: E402,F401,F403
 from .errors import *  # noqa: E402,F401,F403
 from .gradients import *  # noqa: E402,F401,F403
 from .hierarchy import *  # noqa: E402,F401,F403
+from .identify import *  # noqa: E402,F401,F403
 from .ood import *  # noqa: E402,F401,F403
 from .training import *  # noqa: E402,F401,F403

@@ -1,0 +1,437 @@
+"""Identify cars in photos from a trained run: what notebook 08 shows and the web app (``vericar.app``) serves.
+
+    python -m vericar.identify                     # train (or reuse) the official-protocol identifier, full profile
+    python -m vericar.identify --profile quick     # the SynthCars one
+
+:class:`IdentifyService` wraps :class:`vericar.predict.CarIdentifier` with what a person pointing it at a photo
+needs: each answer's 5 nearest database images (class names, distances, thumbnails), the KNN+ threshold beside
+the score, decoding of untrusted uploads with clear errors (:class:`BadInput`), and cars added from photos
+kept across restarts (``added_cars.npz`` in the run folder, written atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import base64
+import io
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .data import CarsDataset, load_stanford_cars, parse_class_name
+from .embed import square_tensor
+from .export import torch_embedder
+from .predict import CarIdentifier
+from .study import NOTEBOOKS_DIR, PROFILES, PROJECT_ROOT
+from .config import TrainConfig
+from .runs import TrainedRun, load_model, load_run
+from .train import train
+
+LEVELS = ("make", "type", "model", "year")
+ADDED_FILE = "added_cars.npz"
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_PIXELS = 40_000_000  # a 10000 x 10000 photo (100 MP) is refused before it is decoded
+DEFAULT_RUN_ROOTS = (PROJECT_ROOT / "runs", Path.home() / ".cache" / "vericar")
+
+
+class BadInput(ValueError):
+    """Input the service refuses; ``status`` is the HTTP status the web app answers with."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def decode_image(data: bytes, name: str = "upload", *, max_bytes: int = MAX_UPLOAD_BYTES,
+                 max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """A fully decoded RGB image from untrusted bytes, or :class:`BadInput` naming what is wrong with it."""
+    if not data:
+        raise BadInput(f"{name}: the file is empty (0 bytes); upload a JPEG, PNG or WebP photo")
+    if len(data) > max_bytes:
+        raise BadInput(f"{name}: {len(data) / 1e6:.1f} MB is over the upload limit of {max_bytes / 1e6:.1f} MB; "
+                       "send a smaller photo (or start the app with a larger --max-upload-mb)", status=413)
+    try:
+        with warnings.catch_warnings():  # the pixel limit below is ours; Pillow's own warning is noise here
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise BadInput(f"{name}: {err}; resize the photo", status=413) from None
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise BadInput(f"{name}: not an image Pillow can read; upload a JPEG, PNG or WebP photo") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise BadInput(f"{name}: {width} x {height} pixels is over the limit of {max_pixels / 1e6:.0f} megapixels; "
+                       "resize the photo (a car needs far fewer pixels)", status=413)
+    try:
+        image.load()
+        return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise BadInput(f"{name}: the image is damaged or truncated ({err}); upload the complete file") from None
+
+
+def thumbnail_bytes(image: Image.Image, size: int = 112) -> bytes:
+    """A small JPEG of ``image`` (longer side ``size``)."""
+    image = image.convert("RGB").copy()
+    image.thumbnail((size, size))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
+def data_url(jpeg: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+
+
+def open_run(run_dir: str | Path, data_dir: str | Path | None = None) -> tuple[TrainedRun, CarsDataset]:
+    """A run folder and the dataset it was trained on (read from its ``config.json`` unless ``data_dir``)."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run (no config.json); train one with "
+                                "`python -m vericar.identify` or notebook 03")
+    config = json.loads(config_path.read_text())
+    root = Path(data_dir or config.get("data_root", ""))
+    if not root.is_dir():
+        raise FileNotFoundError(f"{run_dir} was trained on {root}, which is not here; pass the dataset folder "
+                                "(--data-dir) so the app can show the database images")
+    cars = load_stanford_cars(root, name=config.get("dataset", "Stanford Cars 196"))
+    return load_run(run_dir, cars), cars
+
+
+def is_synthetic(run_dir: Path) -> bool:
+    return json.loads((run_dir / "config.json").read_text()).get("dataset") == "SynthCars"
+
+
+def find_runs(roots: Sequence[Path] = DEFAULT_RUN_ROOTS) -> list[Path]:
+    """Finished run folders (config.json + metrics.json + embeddings.npz) under ``roots``, newest first."""
+    found = set()
+    for root in roots:
+        if Path(root).is_dir():
+            found |= {p.parent for p in Path(root).rglob("metrics.json")
+                      if (p.parent / "embeddings.npz").is_file() and (p.parent / "config.json").is_file()}
+    return sorted(found, key=lambda p: (p / "metrics.json").stat().st_mtime, reverse=True)
+
+
+def default_run(roots: Sequence[Path] = DEFAULT_RUN_ROOTS) -> tuple[Path, str]:
+    """The newest real-data run, else the quick profile's SynthCars official run (trained when missing).
+
+    Returns ``(run_dir, note)``; the note says which run is served and how to get a real one.
+    """
+    runs = find_runs(roots)
+    real = [r for r in runs if not is_synthetic(r)]
+    how = ("make a real Stanford Cars identifier with `make identifier` (about 25 min on 2 cores) or "
+           "`python -m vericar.identify`, then `python -m vericar.app --run runs/full/models/official`")
+    if real:
+        return real[0], f"serving the newest real-data run {real[0]}"
+    quick = recipe_run_dir("quick", "official")
+    if not (quick / "metrics.json").is_file():
+        print(f"[vericar] no trained run found; training the quick profile's SynthCars identifier into {quick}")
+        quick = train_identifier("quick", "official")
+    return quick, f"serving the SynthCars demo run {quick} (invented cars, not real ones); {how}"
+
+
+# -- the chosen recipe ---------------------------------------------------------------------------------
+
+def notebook_parameters(path: Path) -> dict:
+    """The default values of a notebook's ``parameters`` cell (its literal assignments)."""
+    cells = [c for c in json.loads(Path(path).read_text())["cells"]
+             if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise ValueError(f"{path} needs exactly one cell tagged 'parameters', found {len(cells)}")
+    tree = ast.parse("".join(cells[0]["source"]))
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+
+
+def recipe_config(profile: str = "full", protocol: str = "official") -> tuple[TrainConfig, dict]:
+    """The TrainConfig notebook 03 builds under ``profile`` (its parameter defaults + the profile's overrides).
+
+    Read from ``study.PROFILES`` and the notebook's parameters cell, never copied, so the run folder is the
+    one notebook 03 makes (a finished one is reused, not retrained). Also returns the profile's common
+    parameters (dataset, data_dir, run_dir).
+    """
+    params = notebook_parameters(NOTEBOOKS_DIR / "03_training.ipynb")
+    params.update(PROFILES[profile]["all"])
+    params.update(PROFILES[profile]["per_notebook"].get("03", {}))
+    fields = set(TrainConfig.__dataclass_fields__)
+    config = TrainConfig(**{k: v for k, v in params.items() if k in fields} | {"protocol": protocol})
+    return config, params
+
+
+def recipe_run_dir(profile: str, protocol: str) -> Path:
+    return PROJECT_ROOT / PROFILES[profile]["all"]["run_dir"] / "models" / protocol
+
+
+def train_identifier(profile: str = "full", protocol: str = "official", data_dir: str | Path | None = None,
+                     progress: bool = True) -> Path:
+    """Train (or reuse) the identifier with the chosen recipe into ``runs/<profile>/models/<protocol>``."""
+    from .data import open_dataset
+
+    config, params = recipe_config(profile, protocol)
+    data_dir = Path(data_dir or params["data_dir"])
+    data_dir = data_dir if data_dir.is_absolute() else PROJECT_ROOT / data_dir
+    if params["dataset"] == "stanford_cars" and not data_dir.is_dir():
+        raise FileNotFoundError(f"no Stanford Cars copy at {data_dir}; pass --data-dir /path/to/stanford_cars "
+                                "(any layout the README lists)")
+    cars = open_dataset(params["dataset"], data_dir, synth_config=params.get("synth_preset", "default"))
+    out = recipe_run_dir(profile, protocol)
+    start = time.perf_counter()
+    run = train(cars, config, out, progress=progress)
+    print(f"[vericar] {out}: {config.describe()}, {config.backbone} @ {config.image_size} px; "
+          f"P@1 {run.metrics['trained']['precision_at_1']:.3f} ({time.perf_counter() - start:.0f} s)")
+    return out
+
+
+# -- the service -----------------------------------------------------------------------------------------
+
+@dataclass
+class AddedCars:
+    """Photos added to the database since training: embeddings, class names and thumbnails, in order."""
+
+    embeddings: list[np.ndarray] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    thumbnails: list[bytes] = field(default_factory=list)
+
+    def save(self, path: Path) -> Path:
+        """Write atomically (a temporary file renamed over the old one)."""
+        tmp = path.with_name(path.name + ".tmp")
+        blob = b"".join(self.thumbnails)
+        ends = np.cumsum([len(t) for t in self.thumbnails], dtype=np.int64)
+        with open(tmp, "wb") as f:
+            np.savez(f, embeddings=np.stack(self.embeddings).astype(np.float32), names=np.array(self.names),
+                     thumbnails=np.frombuffer(blob, dtype=np.uint8), thumbnail_ends=ends)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> "AddedCars":
+        data = np.load(path, allow_pickle=False)
+        blob, ends = data["thumbnails"].tobytes(), data["thumbnail_ends"]
+        starts = np.concatenate([[0], ends[:-1]])
+        return cls(list(data["embeddings"]), [str(n) for n in data["names"]],
+                   [blob[s:e] for s, e in zip(starts, ends)])
+
+
+class IdentifyService:
+    """One trained run, loaded once: identify photos, show their nearest database images, add new cars.
+
+    ``embedder`` maps uint8 images ``(N, 3, S, S)`` to embeddings (default: the identifier's torch model,
+    see :mod:`vericar.export` for faster backends). Not thread-safe: the app calls it from one worker thread.
+    """
+
+    def __init__(self, identifier: CarIdentifier, cars: CarsDataset, database_rows: np.ndarray, *,
+                 embedder=None, backend: str = "torch", run_dir: Path | None = None, persist: bool = False,
+                 neighbours: int = 5, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS) -> None:
+        self.identifier, self.cars = identifier, cars
+        self.database_rows = np.asarray(database_rows, dtype=np.int64)
+        self.n_database = len(self.database_rows)
+        self.embedder = embedder or torch_embedder(identifier.model)
+        self.backend, self.run_dir, self.persist = backend, run_dir, persist
+        self.neighbours, self.max_bytes, self.max_pixels = neighbours, max_bytes, max_pixels
+        self.added = AddedCars()
+        self.note = ""
+        self._thumb = lru_cache(maxsize=4096)(lambda row: thumbnail_bytes(self.cars.image(int(row))))
+        if run_dir is not None and (run_dir / ADDED_FILE).is_file():
+            self._restore(AddedCars.load(run_dir / ADDED_FILE))
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, *, data_dir=None, backend: str = "torch", persist: bool = False,
+                 **kwargs) -> "IdentifyService":
+        """Load a run folder once: model, database, dataset; ``backend`` ``auto`` picks the fastest that matches."""
+        from .export import make_embedder, run_onnx_path, select_backend
+
+        run, cars = open_run(run_dir, data_dir)
+        identifier = CarIdentifier.from_run(run, cars)
+        model = load_model(run)
+        if backend == "auto":
+            sample = torch.stack([square_tensor(cars.image(int(r)), run.config.image_size, model.spec.interpolation)
+                                  for r in run.split.database[:16]])
+            backend, embedder, _ = select_backend(model, run.config.image_size, sample, onnx_path=run_onnx_path(run))
+        else:
+            embedder = make_embedder(model, run.config.image_size, backend,
+                                     run_onnx_path(run) if backend == "onnx" else None)
+        return cls(identifier, cars, run.split.database, embedder=embedder, backend=backend, run_dir=Path(run_dir),
+                   persist=persist, **kwargs)
+
+    # images -> tensors -> embeddings
+    def decode(self, data: bytes, name: str = "upload") -> Image.Image:
+        return decode_image(data, name, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        size, interp = self.identifier.image_size, self.identifier.model.spec.interpolation
+        return self.embedder(torch.stack([square_tensor(im, size, interp) for im in images]))
+
+    def identify(self, images: Sequence[Image.Image]) -> list[dict]:
+        """Per photo: the answer per level with its confidence, the unknown flag, score and threshold, and the
+        nearest database images (class name, distance, thumbnail as a data URL)."""
+        if not images:
+            return []
+        q = self.embed(images)
+        table = self.identifier.identify(q)
+        k = min(self.neighbours, len(self.identifier.index))
+        distances, positions = self.identifier.index.search(q, k)
+        names = self.identifier.class_table["class_name"].to_numpy()
+        out = []
+        for i, row in enumerate(table.to_dict("records")):
+            neighbours = [{"class_name": str(names[self.identifier.index.labels[p]]), "distance": float(d),
+                           "database_index": int(p), "thumbnail": data_url(self.thumbnail(p))}
+                          for d, p in zip(distances[i], positions[i])]
+            out.append({"class_name": str(row["class_name"]),
+                        "levels": {lv: {"answer": _plain(row[lv]), "confidence": float(row[f"{lv}_confidence"])}
+                                   for lv in LEVELS},
+                        "known": bool(row["known"]), "score": float(row["score"]),
+                        "threshold": float(self.identifier.threshold), "neighbours": neighbours})
+        return out
+
+    def database_image(self, position: int) -> Image.Image:
+        """The database image at ``position`` of the index (an added photo only as its thumbnail)."""
+        if position < self.n_database:
+            return self.cars.image(int(self.database_rows[position]))
+        return Image.open(io.BytesIO(self.added.thumbnails[position - self.n_database]))
+
+    def in_database(self) -> set[str]:
+        """Class names that have at least one database image (the class table also lists held-out classes)."""
+        names = self.identifier.class_table["class_name"].to_numpy()
+        return set(names[np.unique(self.identifier.index.labels)])
+
+    def thumbnail(self, position: int) -> bytes:
+        """JPEG thumbnail of the database image at ``position`` of the index (a dataset image or an added photo)."""
+        if position < self.n_database:
+            return self._thumb(int(self.database_rows[position]))
+        return self.added.thumbnails[position - self.n_database]
+
+    def add_car(self, name: str, images: Sequence[Image.Image]) -> dict:
+        """Add a new car (``name`` like "Make Model Body Year") from photos; no retraining."""
+        name = " ".join((name or "").split())
+        if not name:
+            raise BadInput("the new car needs a name, e.g. 'Zentra Volo Sedan 2013' (make, model, body, year)")
+        if name in self.in_database():
+            raise BadInput(f"a car named {name!r} is already in the database; choose another name", status=409)
+        try:
+            parse_class_name(name)
+        except ValueError as err:
+            raise BadInput(f"{err}; name the car like 'Zentra Volo Sedan 2013'") from None
+        if not images:
+            raise BadInput("no usable photo of the new car; upload at least one JPEG, PNG or WebP photo")
+        q = self.embed(images)
+        thumbs = [thumbnail_bytes(im) for im in images]
+        index = self.identifier.add(q, name)
+        self.added.embeddings += list(q)
+        self.added.names += [name] * len(q)
+        self.added.thumbnails += thumbs
+        saved = self.added.save(self.run_dir / ADDED_FILE) if self.persist and self.run_dir else None
+        return {"class_name": name, "class_index": int(index), "photos": len(q),
+                "database_size": len(self.identifier.index), "saved_to": str(saved) if saved else None}
+
+    def _restore(self, added: AddedCars) -> None:
+        for name in dict.fromkeys(added.names):
+            rows = [i for i, n in enumerate(added.names) if n == name]
+            self.identifier.add(np.stack([added.embeddings[i] for i in rows]), name)
+            self.added.embeddings += [added.embeddings[i] for i in rows]
+            self.added.names += [name] * len(rows)
+            self.added.thumbnails += [added.thumbnails[i] for i in rows]
+
+    def health(self) -> dict:
+        cfg = self.identifier
+        return {"status": "ok", "run": str(self.run_dir) if self.run_dir else None, "dataset": self.cars.name,
+                "backend": self.backend, "image_size": cfg.image_size, "database_size": len(cfg.index),
+                "classes": len(cfg.class_table), "added_photos": len(self.added.names),
+                "threshold": float(cfg.threshold), "note": self.note}
+
+
+def answers_table(answers: Sequence[dict]) -> "pd.DataFrame":
+    """:meth:`IdentifyService.identify`'s answers as one row per photo (answer and confidence per level)."""
+    import pandas as pd
+
+    rows = [{"class_name": a["class_name"], **{lv: a["levels"][lv]["answer"] for lv in LEVELS},
+             **{f"{lv}_confidence": a["levels"][lv]["confidence"] for lv in LEVELS},
+             "known": a["known"], "score": a["score"], "threshold": a["threshold"]} for a in answers]
+    return pd.DataFrame(rows)
+
+
+def level_accuracy(predicted: "pd.DataFrame", truth: "pd.DataFrame") -> dict[str, float]:
+    """Share of rows whose answer is right at each level (and the whole class), rows aligned."""
+    out = {f"accuracy_{lv}": float(np.mean(predicted[lv].to_numpy() == truth[lv].to_numpy())) for lv in LEVELS}
+    out["accuracy_class"] = float(np.mean(predicted["class_name"].to_numpy() == truth["class_name"].to_numpy()))
+    return out
+
+
+def confidence_table(predicted: "pd.DataFrame", truth: "pd.DataFrame", at: float = 0.8) -> "pd.DataFrame":
+    """Per level: share of answers with confidence >= ``at``, their accuracy, and the others' accuracy."""
+    import pandas as pd
+
+    out = {}
+    for lv in LEVELS:
+        right = predicted[lv].to_numpy() == truth[lv].to_numpy()
+        sure = predicted[f"{lv}_confidence"].to_numpy() >= at
+        out[lv] = {"share confident": sure.mean(),
+                   "accuracy if confident": right[sure].mean() if sure.any() else np.nan,
+                   "accuracy otherwise": right[~sure].mean() if (~sure).any() else np.nan}
+    return pd.DataFrame(out)
+
+
+def adding_table(stages: dict[str, Sequence[dict]], name: str, model: str) -> "pd.DataFrame":
+    """Per stage (e.g. before / after adding a car): share of its photos flagged unknown, named ``name``, and
+    whose model-level answer is ``model``."""
+    import pandas as pd
+
+    return pd.DataFrame({stage: {"flagged unknown": np.mean([not a["known"] for a in answers]),
+                                 "named right": np.mean([a["class_name"] == name for a in answers]),
+                                 "model right": np.mean([a["levels"]["model"]["answer"] == model for a in answers])}
+                         for stage, answers in stages.items()})
+
+
+def neighbour_images(service: IdentifyService, answers: Sequence[dict]) -> list[list[Image.Image]]:
+    """The database images of each answer's nearest neighbours (for figures)."""
+    return [[service.database_image(n["database_index"]) for n in a["neighbours"]] for a in answers]
+
+
+def pick_unknown_class(run: TrainedRun, cars: CarsDataset, shots: int = 5) -> tuple[str, np.ndarray, np.ndarray]:
+    """A held-out class of an open-world run for the add-without-retraining demo, chosen by counts only.
+
+    Among the held-out classes with at least ``shots`` labelled images (``split.ood_database``), the one with
+    the most test photos (``split.ood_query``). Returns its name, ``shots`` rows to add and its test rows.
+    """
+    split, labels = run.split, cars.labels
+    if not len(split.ood_query):
+        raise ValueError(f"{run.path} (protocol {run.config.protocol!r}) holds no car out of its database; "
+                         "use an open-world run (notebook 03 trains runs/<profile>/models/open-world)")
+    add_counts = np.bincount(labels[split.ood_database], minlength=cars.num_classes)
+    query_counts = np.bincount(labels[split.ood_query], minlength=cars.num_classes)
+    query_counts[add_counts < shots] = 0
+    if query_counts.max() == 0:
+        raise ValueError(f"no held-out class has {shots} labelled images and a test photo; lower shots")
+    label = int(np.argmax(query_counts))
+    return (str(cars.class_names[label]), split.ood_database[labels[split.ood_database] == label][:shots],
+            split.ood_query[labels[split.ood_query] == label])
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vericar.identify", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=["full", "quick"], default="full")
+    parser.add_argument("--protocol", default="official")
+    parser.add_argument("--data-dir", help="dataset folder (default: the profile's)")
+    args = parser.parse_args(argv)
+    print(train_identifier(args.profile, args.protocol, args.data_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
