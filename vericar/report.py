@@ -36,9 +36,16 @@ RATE_WORDS = ("precision", "recall", "accuracy", "map", "fpr95", "auroc", "aupr"
               "share", "rate")
 
 
+#: Words that make a metric something else computed from rates (a correlation, a difference): not a rate.
+NOT_RATE_WORDS = ("spearman", "pearson", "corr", "correlation", "cosine", "slope", "diff", "delta", "gap", "gain",
+                  "change", "ratio")
+
+
 def is_rate(name: str) -> bool:
-    """True when the metric ``name`` is a rate: one of :data:`RATE_WORDS` is a word of it."""
-    return any(word in RATE_WORDS for word in name.lower().split("_"))
+    """True when the metric ``name`` is a rate: one of :data:`RATE_WORDS` is a word of it, none of
+    :data:`NOT_RATE_WORDS` is."""
+    words = name.lower().split("_")
+    return any(w in RATE_WORDS for w in words) and not any(w in NOT_RATE_WORDS for w in words)
 
 
 def _fmt(name: str, value) -> str:
