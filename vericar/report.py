@@ -92,7 +92,8 @@ def _machine(payload: dict) -> str:
     m = payload.get("machine", {})
     load = m.get("load_average_1_5_15min_at_start")
     load_text = f", load {load[0]:.1f} at start" if load else ""
-    return f"{m.get('cpu_count', '?')} CPU cores, torch {m.get('torch', '?')}{load_text}"
+    threads = f", {m['torch_threads']} torch thread{'s' if m['torch_threads'] != 1 else ''}" if m.get("torch_threads") else ""
+    return f"{m.get('cpu_count', '?')} CPU cores{threads}, torch {m.get('torch', '?')}{load_text}"
 
 
 def benchmarks_table(bench_dir: str | Path) -> str:
