@@ -31,6 +31,7 @@ from scipy.stats import bootstrap
 
 from ..data.splits import Split
 from ..ood import knn_scores, ood_metrics
+from ..retrieval import KNNIndex
 
 __all__ = ["GROUPS", "SCORES", "class_logits", "evaluate", "group_rows", "oscr", "scores", "ssb_evaluation"]
 
@@ -88,8 +89,6 @@ def scores(embeddings: np.ndarray, labels: np.ndarray, split: Split, *, k: int, 
         return full
 
     nn_pred = np.full(n, -1)
-    from ..retrieval import KNNIndex  # the one exact K-NN layer
-
     index = KNNIndex(embeddings[db], labels[db], device=device)
     _, idx = index.search(embeddings[split.query], 1)
     nn_pred[split.query] = labels[db][np.asarray(idx)[:, 0]]
