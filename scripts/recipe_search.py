@@ -52,6 +52,10 @@ RECIPES: dict[str, dict] = {
     "ms-k2-128px": {"loss": "ms", "image-size": 128},
     "ms-k2-192px": {"loss": "ms", "image-size": 192},
     "ms-k2-lite2": {"loss": "ms", "backbone": "efficientnet_lite2"},
+    # the levers again on the chosen loss (Proxy-Anchor)
+    "pa-k2-e20": {"loss": "proxy_anchor", "proxy-lr": 1e-2, "epochs": 20},
+    "pa-k2-192px": {"loss": "proxy_anchor", "proxy-lr": 1e-2, "image-size": 192},
+    "pa-k2-lite2": {"loss": "proxy_anchor", "proxy-lr": 1e-2, "backbone": "efficientnet_lite2"},
 }
 
 
