@@ -8,6 +8,12 @@ import seaborn as _sns
 
 _sns.set_theme(style="whitegrid", context="notebook")
 
+# Figures shown inline in the notebooks: modest resolution, so that an executed notebook stays under 2 MB (the
+# published study commits them); the files in figures/ are saved at their own dpi (vericar.results.save_figure).
+import matplotlib as _mpl  # noqa: E402
+
+_mpl.rcParams["figure.dpi"] = 72
+
 from .eda import *  # noqa: E402,F401,F403
 from .embedding import *  # noqa: E402,F401,F403
 from .errors import *  # noqa: E402,F401,F403
