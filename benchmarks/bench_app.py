@@ -87,9 +87,10 @@ def query_photos(service, run, n: int = 20) -> list[bytes]:
     return out
 
 
-def write(result: dict, name: str, **extra) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write(result: dict, name: str | Path, **extra) -> Path:
+    """Write ``benchmarks/results/<name>.json``, or to ``name`` itself when it is a path."""
+    path = Path(name) if isinstance(name, Path) else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**extra, **result, "created": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())},
                                indent=2) + "\n")
     return path

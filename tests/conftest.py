@@ -58,6 +58,18 @@ def compact_dir(tmp_path) -> Path:
     return write_compact(tmp_path / "compact")
 
 
+def artifact_path(relative: str, tmp_path: Path) -> Path:
+    """Where a test writes a file the repository publishes (the app's screenshot, the load test's latencies).
+
+    Under tmp_path by default, so that `make test` never rewrites tracked files; into the repository only when
+    asked: ``VERICAR_PUBLISH_ARTIFACTS=1 pytest tests/test_browser.py tests/test_app.py -k "browser or load"``.
+    """
+    root = PROJECT_ROOT if os.environ.get("VERICAR_PUBLISH_ARTIFACTS") == "1" else tmp_path
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 @pytest.fixture(scope="session")
 def synthcars_tiny(tmp_path_factory):
     """The tiny SynthCars preset, generated once per test session."""

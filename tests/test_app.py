@@ -149,18 +149,18 @@ def test_recipe_is_read_from_the_profiles():
             assert getattr(config, key) == value, key
 
 
-def test_load_20_clients_x_10_requests_without_errors(tiny_run):
-    """Bounded load on localhost; p50/p95 latency go to benchmarks/results/app_load_test.json."""
+def test_load_20_clients_x_10_requests_without_errors(tiny_run, tmp_path):
+    """Bounded load on localhost; p50/p95 latency go to benchmarks/results/app_load_test.json (when publishing)."""
     import importlib.util
 
-    from conftest import PROJECT_ROOT
+    from conftest import PROJECT_ROOT, artifact_path
     spec = importlib.util.spec_from_file_location("bench_app", PROJECT_ROOT / "benchmarks" / "bench_app.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     service = IdentifyService.from_run(tiny_run.path, backend="torch")
     app = create_app(service)
     result = bench.load_test(app, bench.query_photos(service, tiny_run), clients=20, requests=10)
-    bench.write(result, "app_load_test", command="pytest tests/test_app.py -k load", backbone="tiny_cnn",
+    bench.write(result, artifact_path("benchmarks/results/app_load_test.json", tmp_path), command="pytest tests/test_app.py -k load", backbone="tiny_cnn",
                 image_size=32, note="the test suite's tiny model: latency of the app machinery, not of a real model")
     assert result["requests"] == 200 and result["errors"] == 0
     assert 0 < result["p50_ms"] <= result["p95_ms"] <= result["max_ms"]

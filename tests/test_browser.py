@@ -1,7 +1,8 @@
 """A real browser (headless Chromium driven by selenium) uploads a photo and reads the answer off the page.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (.ci/run installs them when missing); in CI it runs, it is
-never skipped there. The screenshot it takes is the README's figures/app_identify.png.
+never skipped there. The screenshot it takes is the README's figures/app_identify.png (written there only with
+VERICAR_PUBLISH_ARTIFACTS=1; see conftest.artifact_path).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import shutil
 
 import pytest
 
-from conftest import PROJECT_ROOT
+from conftest import artifact_path
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -67,5 +68,4 @@ def test_browser_uploads_a_photo_and_reads_the_answer(browser, tiny_open_world_r
         png = browser.get_screenshot_as_png()
     from PIL import Image
     assert Image.open(io.BytesIO(png)).size[0] > 500
-    figures = PROJECT_ROOT / "figures"
-    (figures / "app_identify.png").write_bytes(png)
+    artifact_path("figures/app_identify.png", tmp_path).write_bytes(png)
