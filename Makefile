@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PROFILE ?= quick
 
-.PHONY: study test reference setup clean gpu-carry identifier
+.PHONY: study test reference report setup clean gpu-carry identifier
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -21,6 +21,10 @@ study: $(VENV)/.installed
 # The reference run whose figures/ and results/ are committed (real data; see README).
 reference: $(VENV)/.installed
 	$(PY) -m vericar.study --profile full --publish
+
+# The executed study as HTML with a contents page, for readers without Jupyter: runs/report/index.html
+report: $(VENV)/.installed
+	$(PY) -m vericar.report --html runs/report --notebooks notebooks
 
 # A real Stanford Cars identifier in the browser: train (or reuse) the official-protocol model with the full
 # profile's recipe (notebook 03's run folder), then serve it at http://127.0.0.1:8000/ (vericar.app).

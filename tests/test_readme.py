@@ -95,3 +95,30 @@ def test_benchmarks_table_shows_inference_backends(tmp_path):
     table = benchmarks_table(tmp_path)
     assert "`python benchmarks/bench_inference.py` (128 images, efficientnet_lite0; 2 CPU cores" in table
     assert "| 128 px | no | onnx | 512 | 1.86x | 6.0e-08 |" in table
+
+
+def test_html_report_has_a_page_per_notebook_and_a_contents_page(tmp_path):
+    import nbformat
+
+    from vericar.report import build_html
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# 01 · The data\n\n## How many cars"),
+                                         nbformat.v4.new_code_cell("1 + 1")])
+    nb.cells[1].outputs = [nbformat.v4.new_output("execute_result", {"text/plain": "2"}, execution_count=1)]
+    nbformat.write(nb, tmp_path / "01_eda.ipynb")
+    index = build_html(tmp_path, tmp_path / "html")
+    page = (tmp_path / "html" / "01_eda.html").read_text()
+    contents = index.read_text()
+    assert "01 · The data" in contents and 'href="01_eda.html#How-many-cars"' in contents
+    assert 'id="How-many-cars"' in page and 'href="index.html"' in page
+
+
+def test_findings_block_links_each_notebook_with_its_headline(tmp_path, monkeypatch):
+    from vericar import findings
+    from vericar.report import findings_block
+
+    monkeypatch.setattr(findings, "nb01", lambda r: f"**We saw {r['images']} images.**\n\n- more", raising=False)
+    (tmp_path / "01_eda.json").write_text('{"images": 16185}')
+    block = findings_block(tmp_path)
+    assert block.startswith("**[01 · eda](notebooks/01_eda.ipynb)**: We saw 16185 images.")
+    assert 'src="figures/01_sample_grid.png"' in block

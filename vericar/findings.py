@@ -19,6 +19,13 @@ SEED_CLAIMS: dict[str, float] = {
     "buggy_precision_at_1": 0.0020,  # the "gradient bug" run
 }
 
+#: The figure the README shows beside each notebook's headline (files in figures/).
+KEY_FIGURES: dict[str, str] = {
+    "01": "01_sample_grid.png", "02": "02_final_precision.png", "03": "03_frozen_vs_trained.png",
+    "04": "04_umap_before_after.png", "05": "05_level_accuracy.png", "06": "06_ssb_roc.png",
+    "07": "07_difference_from_ms.png", "08": "08_examples.png",
+}
+
 
 def pct(x: float | None, digits: int = 1) -> str:
     """A rate as a percentage ("72.4%"); "n/a" for a missing value."""

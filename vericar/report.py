@@ -1,7 +1,9 @@
-"""Render the README's results and benchmark tables from the JSON that runs wrote (never typed by hand).
+"""Render the README's findings, results and benchmark tables from the JSON that runs wrote (never typed by
+hand), and the executed study as HTML for readers without Jupyter.
 
     python -m vericar.report                   # print the tables
-    python -m vericar.report --readme README.md   # replace the blocks between the results / benchmarks markers
+    python -m vericar.report --readme README.md   # replace the blocks between the findings / results / ... markers
+    python -m vericar.report --html runs/report   # the committed executed notebooks as HTML, with a contents page
 
 Results come from ``results/*.json`` (the notebooks), benchmarks from ``benchmarks/results/bench_*.json``
 (the scripts in ``benchmarks/``; ``*_quick.json`` smoke runs are left out).
@@ -15,6 +17,7 @@ from pathlib import Path
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 BENCH_START, BENCH_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+FINDINGS_START, FINDINGS_END = "<!-- findings:start -->", "<!-- findings:end -->"
 
 #: The metrics shown per notebook (others stay in the JSON). Rates (see :func:`is_rate`) are shown in percent.
 HEADLINE = {
@@ -184,16 +187,74 @@ def search_table(results_dir: str | Path) -> str:
     return path.read_text().strip() if path.is_file() else "(no recipe search yet: python scripts/recipe_search.py)"
 
 
+def findings_block(results_dir: str | Path, notebooks_dir: str | Path = "notebooks") -> str:
+    """The README's opening: per notebook, its headline (:func:`vericar.findings.headline`, from its results
+    JSON), a link to the executed notebook, and its key figure inline."""
+    from .findings import KEY_FIGURES, headline
+
+    out = []
+    for path in sorted(Path(results_dir).glob("[0-9][0-9]_*.json")):
+        number, result = path.name[:2], json.loads(path.read_text())
+        notebook = Path(notebooks_dir) / f"{path.stem}.ipynb"
+        title = path.stem[3:].replace("_", " ")
+        out += [f"**[{number} · {title}]({notebook.as_posix()})**: {headline(number, result).strip('* ')}", ""]
+        if number in KEY_FIGURES:
+            out += [f'<img src="figures/{KEY_FIGURES[number]}" width="560" alt="{KEY_FIGURES[number]}">', ""]
+    return "\n".join(out).strip()
+
+
 def update_readme(readme: str | Path, results_dir: str | Path, bench_dir: str | Path | None = None) -> None:
-    """Rewrite the results block, the recipe-search block (when the README has one) and the benchmarks block
-    (when ``bench_dir`` is given)."""
+    """Rewrite the findings block (when the README has one), the results block, the recipe-search block (when
+    the README has one) and the benchmarks block (when ``bench_dir`` is given)."""
     readme = Path(readme)
     text = _replace_block(readme.read_text(), START, END, results_table(results_dir), readme)
+    if FINDINGS_START in text:
+        text = _replace_block(text, FINDINGS_START, FINDINGS_END, findings_block(results_dir), readme)
     if SEARCH_START in text:
         text = _replace_block(text, SEARCH_START, SEARCH_END, search_table(results_dir), readme)
     if bench_dir is not None:
         text = _replace_block(text, BENCH_START, BENCH_END, benchmarks_table(bench_dir), readme)
     readme.write_text(text)
+
+
+def build_html(notebooks_dir: str | Path, out_dir: str | Path) -> Path:
+    """The executed notebooks as HTML pages (nbconvert, lab template) and an ``index.html`` table of contents:
+    each notebook's title, then its sections, linked to nbconvert's heading anchors. Returns the index."""
+    import html
+    import re
+
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    notebooks = sorted(Path(notebooks_dir).glob("[0-9][0-9]_*.ipynb"))
+    if not notebooks:
+        raise SystemExit(f"no numbered notebooks in {notebooks_dir}")
+    exporter = HTMLExporter(template_name="lab")
+    toc = []
+    for nb_path in notebooks:
+        nb = nbformat.read(nb_path, as_version=4)
+        if not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"):
+            print(f"[vericar.report] note: {nb_path.name} has no outputs (not executed); run `make reference` "
+                  f"or point --notebooks at a run's notebooks/ folder")
+        body, _ = exporter.from_notebook_node(nb)
+        page = out_dir / f"{nb_path.stem}.html"
+        back = '<p style="margin:1em 2em"><a href="index.html">&larr; contents</a></p>'
+        page.write_text(body.replace("</body>", back + "</body>", 1), encoding="utf-8")
+        # nbconvert gives every Markdown heading an id; the contents page links to them (h1 and h2 only)
+        heads = re.findall(r'<h([12]) id="([^"]+)"[^>]*>(.*?)</h\1>', body, flags=re.S)
+        items = [(level, anchor, re.sub(r"<[^>]+>|¶", "", text).strip()) for level, anchor, text in heads]
+        title = next((t for lvl, _, t in items if lvl == "1"), nb_path.stem)
+        sections = "".join(f'<li><a href="{page.name}#{a}">{html.escape(t)}</a></li>'
+                           for lvl, a, t in items if lvl == "2")
+        toc.append(f'<li><a href="{page.name}"><b>{html.escape(title)}</b></a><ul>{sections}</ul></li>')
+    index = out_dir / "index.html"
+    index.write_text("<!doctype html><meta charset='utf-8'><title>vericar: the study</title>"
+                     "<body style='font-family:sans-serif;max-width:60em;margin:2em auto'>"
+                     "<h1>vericar: the executed study</h1><p>Each notebook as it ran in the reference run "
+                     "(see the README for the commands).</p><ol>" + "".join(toc) + "</ol></body>", encoding="utf-8")
+    return index
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,8 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default="results")
     parser.add_argument("--benchmarks", default="benchmarks/results")
     parser.add_argument("--readme")
+    parser.add_argument("--html", metavar="OUT_DIR", help="write the executed notebooks as HTML with a contents page")
+    parser.add_argument("--notebooks", default="notebooks", help="the executed notebooks (for --html)")
     args = parser.parse_args(argv)
-    if args.readme:
+    if args.html:
+        print(f"[vericar.report] {build_html(args.notebooks, args.html)}")
+    elif args.readme:
         update_readme(args.readme, args.results, args.benchmarks)
     else:
         print(results_table(args.results))

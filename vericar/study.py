@@ -2,7 +2,7 @@
 
     python -m vericar.study --profile quick                 # SynthCars, CI-sized, runs/quick/
     python -m vericar.study --profile full                  # real Stanford Cars copy, runs/full/
-    python -m vericar.study --profile full --publish        # ... and copy figures/results to the repo
+    python -m vericar.study --profile full --publish        # ... and copy notebooks/figures/results to the repo
     python -m vericar.study --only 01 03 -p epochs 2        # some notebooks, with parameter overrides
 
 A run folder holds ``notebooks/`` (the executed notebooks), ``figures/``, ``results/`` and the artifacts later
@@ -135,14 +135,26 @@ def run_notebook(notebook: Path, output: Path, parameters: dict[str, Any], *, pr
 
 
 def publish(run_dir: Path, project_root: Path = PROJECT_ROOT) -> list[Path]:
-    """Copy a run's figures and results into the repository's ``figures/`` and ``results/`` (the reference run)."""
+    """Copy a run's figures, results and executed notebooks into the repository's ``figures/``, ``results/`` and
+    ``notebooks/`` (the reference run: the committed notebooks are its executed copies, outputs kept)."""
     import json
 
     results = sorted((run_dir / "results").glob("*.json"))
     synthetic = [p.name for p in results if json.loads(p.read_text()).get("dataset") == "synthetic"]
     if synthetic:
         raise SystemExit(f"refusing to publish SynthCars results as the reference run: {synthetic}")
+    executed = sorted((run_dir / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    for nb in executed:
+        meta = json.loads(nb.read_text()).get("metadata", {}).get("papermill", {})
+        params = meta.get("parameters", {})
+        if meta.get("exception") or params.get("dataset") != "stanford_cars" or params.get("quick", True):
+            raise SystemExit(f"refusing to publish {nb}: the published notebooks are the full profile's, executed "
+                             f"on real data without errors (parameters: dataset={params.get('dataset')!r}, "
+                             f"quick={params.get('quick')!r}, exception={meta.get('exception')!r})")
     copied = []
+    for nb in executed:
+        shutil.copy2(nb, project_root / "notebooks" / nb.name)
+        copied.append(project_root / "notebooks" / nb.name)
     for kind in ("figures", "results"):
         target = project_root / kind
         target.mkdir(exist_ok=True)
@@ -173,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a parameter (Python literal or string); repeatable")
     parser.add_argument("--only", nargs="+", help="notebook numbers or names to run (default: all)")
     parser.add_argument("--publish", action="store_true",
-                        help="copy the run's figures/ and results/ into the repository (real-data runs only)")
+                        help="copy the run's executed notebooks, figures/ and results/ into the repository (real data only)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -197,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[vericar.study] {len(selected)} notebooks in {time.perf_counter() - total:.0f} s; outputs in {run_dir}")
     if args.publish and run_dir is not None:
         copied = publish(run_dir)
-        print(f"[vericar.study] published {len(copied)} files into figures/ and results/")
+        print(f"[vericar.study] published {len(copied)} files into notebooks/, figures/ and results/")
     return 0
 
 
