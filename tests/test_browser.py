@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from conftest import artifact_path
+from conftest import PROJECT_ROOT, artifact_path
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -22,27 +22,26 @@ pytestmark = pytest.mark.skipif(
     reason="headless Chromium is not installed (apt-get install chromium chromium-driver; .ci/run does it)")
 
 
+def _screenshot_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("app_screenshot", PROJECT_ROOT / "scripts" / "app_screenshot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
     if not (CHROMIUM and CHROMEDRIVER):
         pytest.fail("CI needs chromium and chromedriver: .ci/run installs them with apt-get")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                 "--window-size=1100,900"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = _screenshot_script().chrome()
     yield driver
     driver.quit()
 
 
 def test_browser_uploads_a_photo_and_reads_the_answer(browser, tiny_open_world_run, synthcars_tiny, tmp_path):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
 
     from vericar.app import create_app, serving
     from vericar.identify import IdentifyService
@@ -54,12 +53,7 @@ def test_browser_uploads_a_photo_and_reads_the_answer(browser, tiny_open_world_r
     synthcars_tiny.image(row).resize((256, 256)).save(photo, format="JPEG")
     expected = service.identify([service.decode(photo.read_bytes())])[0]
     with serving(create_app(service)) as url:
-        browser.get(url + "/")
-        wait = WebDriverWait(browser, 60)
-        wait.until(lambda d: "database images" in d.find_element(By.ID, "served").text)
-        browser.find_element(By.ID, "photos").send_keys(str(photo))
-        browser.find_element(By.ID, "identify-button").click()
-        card = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".answer")))
+        card = _screenshot_script().upload_and_read(browser, url, photo)
         assert card.find_element(By.CSS_SELECTOR, ".class-name").text == expected["class_name"]
         assert card.find_element(By.CSS_SELECTOR, ".level-make").text == expected["levels"]["make"]["answer"]
         assert card.get_attribute("data-known") == str(expected["known"]).lower()
