@@ -14,7 +14,8 @@ ranked by similarity (leave-one-out when no separate database is given: a query 
   query's class and ``P(i)`` is the precision among the first ``i`` neighbours; MAP@R is its mean.
 * ``r_precision`` -- mean over queries of (same-class references among the top R) / R.
 
-P@1, MAP@R and R-precision come from ``pytorch_metric_learning``'s ``AccuracyCalculator``; Recall@k is
+P@1, MAP@R and R-precision come from ``pytorch_metric_learning``'s ``AccuracyCalculator``, whose
+``knn_func`` is the neighbour layer's exact search (:class:`vericar.neighbours.KNNFunc`); Recall@k is
 computed here from the very same neighbour lists.  As in pml, queries whose class has no reference
 (leave-one-out: no *other* item of the class) are left out of every metric.
 
@@ -34,7 +35,7 @@ approximation.  ``n = 0`` gives ``(nan, nan)``.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -42,12 +43,11 @@ import torch
 from statsmodels.stats.proportion import proportion_confint
 
 from .data.hierarchy import LEVELS, level_keys
+from .neighbours import KNNFunc
 
 __all__ = [
-    "RecordingKNN",
     "grouped_accuracy",
     "level_accuracy",
-    "make_knn_func",
     "retrieval_metrics",
     "wilson_interval",
 ]
@@ -56,40 +56,6 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------
 # Retrieval metrics
 # ----------------------------------------------------------------------------------------------------
-
-
-def make_knn_func(knn: str = "torch", *, batch_size: int = 1024):
-    """A pml ``knn_func`` (``f(query, k, reference, ref_includes_query) -> (distances, indices)``).
-
-    ``"torch"``: ``CustomKNN(CosineSimilarity())`` -- exact torch matmul + topk, in query batches of
-    ``batch_size``.  ``"faiss"``: ``FaissKNN(index_init_fn=faiss.IndexFlatIP)``.  Both rank by cosine
-    similarity (identical to L2 ranking on the unit vectors :func:`retrieval_metrics` passes).
-    """
-    if knn == "torch":
-        from pytorch_metric_learning.distances import CosineSimilarity
-        from pytorch_metric_learning.utils.inference import CustomKNN
-
-        return CustomKNN(CosineSimilarity(), batch_size=batch_size)
-    if knn == "faiss":
-        import faiss
-        from pytorch_metric_learning.utils.inference import FaissKNN
-
-        return FaissKNN(index_init_fn=faiss.IndexFlatIP)
-    raise ValueError(f"unknown knn {knn!r}; expected 'torch', 'faiss' or a pml knn_func")
-
-
-class RecordingKNN:
-    """Wraps a pml ``knn_func`` and keeps the last ``(distances, indices)`` it returned."""
-
-    def __init__(self, knn_func: Callable) -> None:
-        self.knn_func = knn_func
-        self.distances: torch.Tensor | None = None
-        self.indices: torch.Tensor | None = None
-
-    def __call__(self, query, k, reference, ref_includes_query=False):
-        d, i = self.knn_func(query, k, reference, ref_includes_query)
-        self.distances, self.indices = d, i
-        return d, i
 
 
 def _labels_to_codes(*arrays) -> list[np.ndarray]:
@@ -110,7 +76,7 @@ def _unit(x, name: str) -> torch.Tensor:
 
 
 def retrieval_metrics(query_embeddings, query_labels, db_embeddings=None, db_labels=None, *,
-                      k_values: Sequence[int] = (1, 5, 10), knn="torch") -> dict:
+                      k_values: Sequence[int] = (1, 5, 10), knn: str = "auto") -> dict:
     """P@1, Recall@k, MAP@R and R-precision of cosine K-NN retrieval.
 
     Parameters
@@ -121,8 +87,9 @@ def retrieval_metrics(query_embeddings, query_labels, db_embeddings=None, db_lab
         ``ref_includes_query=True``: each query is ranked against all other queries).
     k_values : ints
         The k of the ``recall_at_k`` keys.
-    knn : "torch", "faiss" or a pml knn_func
-        K-NN search used (see :func:`make_knn_func`).
+    knn : "auto", "torch" or "faiss"
+        Backend of the exact K-NN search (:class:`vericar.neighbours.KNNFunc`, the neighbour layer; "auto"
+        switches to faiss on large databases).
 
     Returns
     -------
@@ -163,7 +130,9 @@ def retrieval_metrics(query_embeddings, query_labels, db_embeddings=None, db_lab
     # "max_bin_count" avoids pml's spurious warning when need == max_bin - 1 (leave-one-out).
     k_arg = "max_bin_count" if need == max_bin - int(loo) else need
 
-    knn_func = RecordingKNN(make_knn_func(knn) if isinstance(knn, str) else knn)
+    if knn not in ("auto", "torch", "faiss"):
+        raise ValueError(f"unknown knn {knn!r}; expected 'auto', 'torch' or 'faiss'")
+    knn_func = KNNFunc(knn)
     calc = AccuracyCalculator(
         include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
         k=k_arg, device=torch.device("cpu"), knn_func=knn_func,
