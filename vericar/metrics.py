@@ -48,6 +48,7 @@ from .neighbours import KNNFunc
 __all__ = [
     "grouped_accuracy",
     "level_accuracy",
+    "level_correct",
     "retrieval_metrics",
     "wilson_interval",
 ]
@@ -168,19 +169,23 @@ def retrieval_metrics(query_embeddings, query_labels, db_embeddings=None, db_lab
 # ----------------------------------------------------------------------------------------------------
 
 
-def _pred_keys(pred: pd.DataFrame, class_table: pd.DataFrame, level: str) -> np.ndarray:
-    if f"{level}_key" in pred.columns:
-        return pred[f"{level}_key"].to_numpy()
+def _pred_codes(pred: pd.DataFrame, level: str, codes: np.ndarray, uniques) -> np.ndarray:
+    """Codes (in the class table's factorisation of ``level``) of pred's label prefixes; -1 if unknown."""
     cols = list(LEVELS[: LEVELS.index(level) + 1])
-    if all(c in pred.columns for c in cols):
-        return level_keys(pred.reset_index(drop=True), level).to_numpy()
-    if "class_index" in pred.columns:
-        return level_keys(class_table, level).to_numpy()[pred["class_index"].to_numpy(dtype=np.int64)]
-    raise ValueError(f"pred needs a '{level}_key' column, the columns {cols} or 'class_index'")
+    if f"{level}_key" in pred.columns:
+        keys = pred[f"{level}_key"].to_numpy()
+    elif all(c in pred.columns for c in cols):
+        keys = level_keys(pred.reset_index(drop=True), level).to_numpy()
+    elif "class_index" in pred.columns:
+        return codes[pred["class_index"].to_numpy(dtype=np.int64)]
+    else:
+        raise ValueError(f"pred needs a '{level}_key' column, the columns {cols} or 'class_index'")
+    lookup = {key: i for i, key in enumerate(uniques)}
+    return np.array([lookup.get(key, -1) for key in keys], dtype=np.int64)
 
 
-def level_accuracy(pred: pd.DataFrame, true_class_index, class_table: pd.DataFrame) -> dict:
-    """Accuracy at each hierarchy level, with prefix semantics.
+def level_correct(pred: pd.DataFrame, true_class_index, class_table: pd.DataFrame) -> pd.DataFrame:
+    """Is each query right at make, type, model and year?  The one per-level correctness of vericar.
 
     A query is correct at level L when its predicted label prefix down to L equals the truth's:
     make = ``(make,)``, type = ``(make, type)``, model = ``(make, type, model)``, year = the full class
@@ -198,11 +203,7 @@ def level_accuracy(pred: pd.DataFrame, true_class_index, class_table: pd.DataFra
 
     Returns
     -------
-    dict
-        ``accuracy_make, accuracy_type, accuracy_model, accuracy_year`` and, among the queries whose
-        class is wrong (year level wrong), ``make_right_given_class_wrong`` and
-        ``type_right_given_class_wrong`` (make+type right) -- NaN if no class is wrong -- plus the
-        counts ``n_queries`` and ``n_class_wrong``.
+    DataFrame of booleans, one row per query (pred's index), columns ``make, type, model, year``.
     """
     truth = np.asarray(true_class_index, dtype=np.int64)
     if len(truth) != len(pred):
@@ -210,12 +211,28 @@ def level_accuracy(pred: pd.DataFrame, true_class_index, class_table: pd.DataFra
     table = class_table.reset_index(drop=True)
     if len(truth) and (truth.min() < 0 or truth.max() >= len(table)):
         raise ValueError(f"true_class_index must be in 0..{len(table) - 1}")
-    correct = {}
+    out = {}
     for level in LEVELS:
-        true_keys = level_keys(table, level).to_numpy()[truth]
-        pred_keys = _pred_keys(pred, table, level)
-        correct[level] = np.array([a == b for a, b in zip(pred_keys, true_keys)], dtype=bool)
-    n = len(truth)
+        codes, uniques = pd.factorize(level_keys(table, level))
+        out[level] = codes[truth] == _pred_codes(pred, level, codes, uniques)
+    return pd.DataFrame(out, index=pred.index)
+
+
+def level_accuracy(pred: pd.DataFrame, true_class_index, class_table: pd.DataFrame) -> dict:
+    """Accuracy at each hierarchy level, with prefix semantics.
+
+    Correctness is :func:`level_correct`'s (prefix semantics), with the same parameters.
+
+    Returns
+    -------
+    dict
+        ``accuracy_make, accuracy_type, accuracy_model, accuracy_year`` and, among the queries whose
+        class is wrong (year level wrong), ``make_right_given_class_wrong`` and
+        ``type_right_given_class_wrong`` (make+type right) -- NaN if no class is wrong -- plus the
+        counts ``n_queries`` and ``n_class_wrong``.
+    """
+    correct = {lv: c.to_numpy(bool) for lv, c in level_correct(pred, true_class_index, class_table).items()}
+    n = len(pred)
     out = {f"accuracy_{lv}": float(correct[lv].mean()) if n else float("nan") for lv in LEVELS}
     wrong = ~correct["year"]
     nw = int(wrong.sum())
