@@ -16,7 +16,7 @@ Data (``--data``), 1,000 queries from the same distribution as the database, non
 Contenders, all on the CPU:
 
 * ``exact torch``  -- :class:`vericar.retrieval.KNNIndex` ``backend="torch"`` (the reference),
-* ``faiss flat``   -- ``KNNIndex(backend="faiss")`` (``IndexFlatIP``: exact too),
+* ``faiss flat``   -- ``KNNIndex(backend="faiss")`` (``IndexFlatL2`` on unit vectors: exact too),
 * ``faiss IVF``    -- ``build_index(kind="ivf")``: ``nlist = 4 sqrt(n)``, trained on ``40 nlist`` vectors,
   searched with ``nprobe`` 16 and 64 (``--nprobe``),
 * ``faiss HNSW``   -- ``build_index(kind="hnsw")``: ``M = 32``, ``efConstruction = 80``, ``ef_search`` 64.

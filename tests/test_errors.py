@@ -10,9 +10,9 @@ from vericar.data.dataset import CarsDataset
 from vericar.data.splits import Split
 from vericar.analyses.errors import (CONFUSION_KINDS, binned_accuracy, check_claims, class_size_table, confused_pairs,
                                     confusion_kind, confusion_structure, group_accuracy_tables, image_widths,
-                                    level_correct, level_table, near_duplicate_errors, nearest_neighbour_table,
+                                    level_table, near_duplicate_errors, nearest_neighbour_table,
                                     pair_examples, similar_model_classes, spearman, verdict)
-from vericar.metrics import wilson_interval
+from vericar.metrics import level_correct, wilson_interval
 
 # class index: name                      make   family  model          type
 # 0: Audi S4 Sedan 2007                  Audi   S4      S4 Sedan       Sedan
@@ -86,7 +86,7 @@ def test_nearest_neighbour_table(world):
 
 def test_level_table_counts_and_wilson(world):
     cars, _, _, nn = world
-    lc = level_correct(nn, cars.hierarchy)
+    lc = level_correct(pd.DataFrame({"class_index": nn["pred_class"]}), nn["true_class"], cars.hierarchy)
     # make: only query 11 (BMW -> Honda) is wrong; type = make + body: 8, 9, 10... see ROWS
     assert list(lc["make"]) == [True, True, True, True, False, True, True, True]
     assert list(lc["type"]) == [True, True, False, False, False, True, True, False]

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import unit_circle
-from vericar.metrics import grouped_accuracy, level_accuracy, retrieval_metrics, wilson_interval
+from vericar.metrics import grouped_accuracy, level_accuracy, level_correct, retrieval_metrics, wilson_interval
 from vericar.retrieval import hierarchical_predict
 
 
@@ -156,6 +156,19 @@ def test_level_accuracy_prefix_semantics_from_columns_and_class_index():
     assert perfect["accuracy_year"] == 1.0 and math.isnan(perfect["make_right_given_class_wrong"])
     with pytest.raises(ValueError):
         level_accuracy(by_index, [0], table)
+
+
+def test_level_correct_is_the_one_per_level_rule():
+    table = pd.DataFrame({"make": ["A", "B", "B"], "type": ["Sedan", "Sedan", "Sedan"],
+                          "model": ["M Sedan", "M Sedan", "N Sedan"], "year": [2012, 2012, 2012]})
+    got = level_correct(pd.DataFrame({"class_index": [1, 2, 0]}, index=[7, 8, 9]), [0, 1, 0], table)
+    assert list(got.index) == [7, 8, 9] and list(got.columns) == ["make", "type", "model", "year"]
+    assert got.to_numpy().tolist() == [[False, False, False, False], [True, True, False, False],
+                                       [True, True, True, True]]
+    # a predicted prefix that no class has (a make voted from another class's neighbours) is simply wrong
+    keys = pd.DataFrame({"make_key": [("C",)], "type_key": [("B", "Sedan")], "model_key": [("B", "Sedan", "N Sedan")],
+                         "year_key": [("B", "Sedan", "N Sedan", 2012)]})
+    assert level_correct(keys, [2], table).iloc[0].tolist() == [False, True, True, True]
 
 
 # ----------------------------------------------------------------------------------------------------

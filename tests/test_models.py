@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from vericar import models
+from vericar.embed import normalize, square_tensor
 from vericar.models import (
     BACKBONES,
     BackboneSpec,
@@ -18,9 +19,7 @@ from vericar.models import (
     build_backbone,
     build_model,
     convert_lite_state_dict,
-    eval_transform,
     load_imagenet_classifier,
-    train_transform,
 )
 
 
@@ -76,7 +75,7 @@ def test_lite_mapping_drops_tf_background_class():
 
 
 def _top5(model, spec, image: np.ndarray) -> list[int]:
-    x = eval_transform(spec)(Image.fromarray(image)).unsqueeze(0)
+    x = normalize(square_tensor(Image.fromarray(image), spec.default_size, spec.interpolation)[None], spec)
     with torch.no_grad():
         return model(x)[0].topk(5).indices.tolist()
 
@@ -212,28 +211,20 @@ def test_param_groups_cover_trainable_params_exactly_once():
     torch.optim.AdamW(groups)  # accepted as is
 
 
-# ------------------------------------------------------------------ transforms
+# ------------------------------------------------------------------ model input (the path training and serving use)
 
-@pytest.mark.parametrize("make", [eval_transform, train_transform])
 @pytest.mark.parametrize("mode", ["RGB", "L"])
-def test_transforms_output_normalised_square_tensor(make, mode):
+def test_square_tensor_then_normalize_give_a_normalised_square_tensor(mode):
     spec = build_backbone("tiny_cnn")[1]
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 60, 3), dtype=np.uint8)).convert(mode)
-    out = make(spec, 48)(image)
-    assert out.shape == (3, 48, 48) and out.dtype == torch.float32
-    assert make(spec)(image).shape == (3, spec.default_size, spec.default_size)
+    out = normalize(square_tensor(image, 48, spec.interpolation)[None], spec)
+    assert out.shape == (1, 3, 48, 48) and out.dtype == torch.float32
 
 
-def test_eval_transform_is_deterministic_stretch_and_normalises():
+def test_square_tensor_is_a_deterministic_stretch_and_normalize_uses_the_spec():
     spec = BackboneSpec("x", 1, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 32, "test")
     image = Image.new("RGB", (100, 20), (255, 0, 255))
-    out = eval_transform(spec, 16)(image)
+    out = normalize(square_tensor(image, 16)[None], spec)[0]
     assert out.shape == (3, 16, 16)
     torch.testing.assert_close(out[:, 0, 0], torch.tensor([1.0, -1.0, 1.0]))
-    assert torch.equal(out, eval_transform(spec, 16)(image))
-
-
-def test_unknown_interpolation():
-    spec = BackboneSpec("x", 1, (0.5,) * 3, (0.5,) * 3, "nearest-ish", 32, "test")
-    with pytest.raises(ValueError, match="interpolation"):
-        eval_transform(spec)
+    assert torch.equal(out, normalize(square_tensor(image, 16)[None], spec)[0])

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from vericar import retrieval
+from vericar import neighbours
 from vericar.retrieval import WEIGHT_EPS, KNNIndex, hierarchical_predict, vote
 
 
@@ -122,7 +122,7 @@ def test_auto_backend_rule(monkeypatch):
     db, lab = _clustered(rng, 100)
     index = KNNIndex(db, lab)
     assert index.resolved_backend == "torch"
-    monkeypatch.setattr(retrieval, "FAISS_AUTO_THRESHOLD", 50)
+    monkeypatch.setattr(neighbours, "FAISS_AUTO_THRESHOLD", 50)
     assert index.resolved_backend == "faiss"
     assert_knn_ok(*index.search(db[:10], 3), _brute(db[:10], db), 3)
     assert KNNIndex(db, lab, backend="torch").resolved_backend == "torch"

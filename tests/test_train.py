@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -227,3 +228,57 @@ def test_save_pooled_keeps_the_trained_backbones_features(synthcars_tiny, tmp_pa
     # save_pooled does not change the model: a run without it is reused, not retrained
     again = train(synthcars_tiny, dataclasses.replace(config, save_pooled=False), tmp_path / "run", progress=False)
     np.testing.assert_array_equal(again.embeddings, run.embeddings)
+
+
+# ------------------------------------------------------------------ learning-rate schedule (torch's schedulers)
+
+def _lrs(total, warmup, base=2.0):
+    from vericar.train import lr_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    sched = lr_scheduler(opt, total, warmup)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out, opt.param_groups[0]["lr"], opt, sched
+
+
+def test_lr_schedule_is_linear_warmup_then_cosine_to_zero():
+    lrs, after, _, _ = _lrs(10, 2)
+    want = [2.0 * 1 / 2, 2.0 * 2 / 2] + [2.0 * 0.5 * (1 + math.cos(math.pi * j / 8)) for j in range(8)]
+    np.testing.assert_allclose(lrs, want, rtol=1e-12, atol=1e-15)
+    assert lrs[2] == pytest.approx(2.0) and lrs[-1] == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert after == pytest.approx(0.0, abs=1e-15)  # cosine reaches 0 right after the last step
+    no_warmup, after, _, _ = _lrs(4, 0, base=1.0)
+    np.testing.assert_allclose(no_warmup, [1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))])
+    assert after == pytest.approx(0.0, abs=1e-15)
+
+
+def test_lr_schedule_resumes_from_its_state_and_from_the_former_lambda_checkpoints():
+    from vericar.train import lr_scheduler, restore_scheduler
+
+    full, _, _, _ = _lrs(10, 3)
+    # new checkpoints: state dicts after 4 steps
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = lr_scheduler(opt, 10, 3)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched2 = lr_scheduler(opt2, 10, 3)
+    opt2.load_state_dict(opt.state_dict())
+    restore_scheduler(sched2, sched.state_dict())
+    rest = []
+    for _ in range(6):
+        rest.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        sched2.step()
+    assert rest == full[4:]  # exactly
+    # a checkpoint of the former LambdaLR at step 4
+    legacy = {"base_lrs": [2.0], "last_epoch": 4, "_step_count": 5, "lr_lambdas": [None], "_last_lr": [full[4]]}
+    opt3 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched3 = lr_scheduler(opt3, 10, 3)
+    restore_scheduler(sched3, legacy)
+    assert opt3.param_groups[0]["lr"] == pytest.approx(full[4], rel=1e-12)

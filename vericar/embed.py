@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .data.dataset import CarsDataset
 from .data.images import to_rgb
 from .models import BackboneSpec
-from .retrieval import l2_normalize  # noqa: F401  (re-exported: one implementation)
+from .neighbours import l2_normalize  # noqa: F401  (re-exported: one implementation)
 
 _PIL_INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 

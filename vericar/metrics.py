@@ -14,7 +14,8 @@ ranked by similarity (leave-one-out when no separate database is given: a query 
   query's class and ``P(i)`` is the precision among the first ``i`` neighbours; MAP@R is its mean.
 * ``r_precision`` -- mean over queries of (same-class references among the top R) / R.
 
-P@1, MAP@R and R-precision come from ``pytorch_metric_learning``'s ``AccuracyCalculator``; Recall@k is
+P@1, MAP@R and R-precision come from ``pytorch_metric_learning``'s ``AccuracyCalculator``, whose
+``knn_func`` is the neighbour layer's exact search (:class:`vericar.neighbours.KNNFunc`); Recall@k is
 computed here from the very same neighbour lists.  As in pml, queries whose class has no reference
 (leave-one-out: no *other* item of the class) are left out of every metric.
 
@@ -34,7 +35,7 @@ approximation.  ``n = 0`` gives ``(nan, nan)``.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -42,12 +43,12 @@ import torch
 from statsmodels.stats.proportion import proportion_confint
 
 from .data.hierarchy import LEVELS, level_keys
+from .neighbours import KNNFunc
 
 __all__ = [
-    "RecordingKNN",
     "grouped_accuracy",
     "level_accuracy",
-    "make_knn_func",
+    "level_correct",
     "retrieval_metrics",
     "wilson_interval",
 ]
@@ -56,40 +57,6 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------
 # Retrieval metrics
 # ----------------------------------------------------------------------------------------------------
-
-
-def make_knn_func(knn: str = "torch", *, batch_size: int = 1024):
-    """A pml ``knn_func`` (``f(query, k, reference, ref_includes_query) -> (distances, indices)``).
-
-    ``"torch"``: ``CustomKNN(CosineSimilarity())`` -- exact torch matmul + topk, in query batches of
-    ``batch_size``.  ``"faiss"``: ``FaissKNN(index_init_fn=faiss.IndexFlatIP)``.  Both rank by cosine
-    similarity (identical to L2 ranking on the unit vectors :func:`retrieval_metrics` passes).
-    """
-    if knn == "torch":
-        from pytorch_metric_learning.distances import CosineSimilarity
-        from pytorch_metric_learning.utils.inference import CustomKNN
-
-        return CustomKNN(CosineSimilarity(), batch_size=batch_size)
-    if knn == "faiss":
-        import faiss
-        from pytorch_metric_learning.utils.inference import FaissKNN
-
-        return FaissKNN(index_init_fn=faiss.IndexFlatIP)
-    raise ValueError(f"unknown knn {knn!r}; expected 'torch', 'faiss' or a pml knn_func")
-
-
-class RecordingKNN:
-    """Wraps a pml ``knn_func`` and keeps the last ``(distances, indices)`` it returned."""
-
-    def __init__(self, knn_func: Callable) -> None:
-        self.knn_func = knn_func
-        self.distances: torch.Tensor | None = None
-        self.indices: torch.Tensor | None = None
-
-    def __call__(self, query, k, reference, ref_includes_query=False):
-        d, i = self.knn_func(query, k, reference, ref_includes_query)
-        self.distances, self.indices = d, i
-        return d, i
 
 
 def _labels_to_codes(*arrays) -> list[np.ndarray]:
@@ -110,7 +77,7 @@ def _unit(x, name: str) -> torch.Tensor:
 
 
 def retrieval_metrics(query_embeddings, query_labels, db_embeddings=None, db_labels=None, *,
-                      k_values: Sequence[int] = (1, 5, 10), knn="torch") -> dict:
+                      k_values: Sequence[int] = (1, 5, 10), knn: str = "auto") -> dict:
     """P@1, Recall@k, MAP@R and R-precision of cosine K-NN retrieval.
 
     Parameters
@@ -121,8 +88,9 @@ def retrieval_metrics(query_embeddings, query_labels, db_embeddings=None, db_lab
         ``ref_includes_query=True``: each query is ranked against all other queries).
     k_values : ints
         The k of the ``recall_at_k`` keys.
-    knn : "torch", "faiss" or a pml knn_func
-        K-NN search used (see :func:`make_knn_func`).
+    knn : "auto", "torch" or "faiss"
+        Backend of the exact K-NN search (:class:`vericar.neighbours.KNNFunc`, the neighbour layer; "auto"
+        switches to faiss on large databases).
 
     Returns
     -------
@@ -163,7 +131,9 @@ def retrieval_metrics(query_embeddings, query_labels, db_embeddings=None, db_lab
     # "max_bin_count" avoids pml's spurious warning when need == max_bin - 1 (leave-one-out).
     k_arg = "max_bin_count" if need == max_bin - int(loo) else need
 
-    knn_func = RecordingKNN(make_knn_func(knn) if isinstance(knn, str) else knn)
+    if knn not in ("auto", "torch", "faiss"):
+        raise ValueError(f"unknown knn {knn!r}; expected 'auto', 'torch' or 'faiss'")
+    knn_func = KNNFunc(knn)
     calc = AccuracyCalculator(
         include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
         k=k_arg, device=torch.device("cpu"), knn_func=knn_func,
@@ -199,19 +169,23 @@ def retrieval_metrics(query_embeddings, query_labels, db_embeddings=None, db_lab
 # ----------------------------------------------------------------------------------------------------
 
 
-def _pred_keys(pred: pd.DataFrame, class_table: pd.DataFrame, level: str) -> np.ndarray:
-    if f"{level}_key" in pred.columns:
-        return pred[f"{level}_key"].to_numpy()
+def _pred_codes(pred: pd.DataFrame, level: str, codes: np.ndarray, uniques) -> np.ndarray:
+    """Codes (in the class table's factorisation of ``level``) of pred's label prefixes; -1 if unknown."""
     cols = list(LEVELS[: LEVELS.index(level) + 1])
-    if all(c in pred.columns for c in cols):
-        return level_keys(pred.reset_index(drop=True), level).to_numpy()
-    if "class_index" in pred.columns:
-        return level_keys(class_table, level).to_numpy()[pred["class_index"].to_numpy(dtype=np.int64)]
-    raise ValueError(f"pred needs a '{level}_key' column, the columns {cols} or 'class_index'")
+    if f"{level}_key" in pred.columns:
+        keys = pred[f"{level}_key"].to_numpy()
+    elif all(c in pred.columns for c in cols):
+        keys = level_keys(pred.reset_index(drop=True), level).to_numpy()
+    elif "class_index" in pred.columns:
+        return codes[pred["class_index"].to_numpy(dtype=np.int64)]
+    else:
+        raise ValueError(f"pred needs a '{level}_key' column, the columns {cols} or 'class_index'")
+    lookup = {key: i for i, key in enumerate(uniques)}
+    return np.array([lookup.get(key, -1) for key in keys], dtype=np.int64)
 
 
-def level_accuracy(pred: pd.DataFrame, true_class_index, class_table: pd.DataFrame) -> dict:
-    """Accuracy at each hierarchy level, with prefix semantics.
+def level_correct(pred: pd.DataFrame, true_class_index, class_table: pd.DataFrame) -> pd.DataFrame:
+    """Is each query right at make, type, model and year?  The one per-level correctness of vericar.
 
     A query is correct at level L when its predicted label prefix down to L equals the truth's:
     make = ``(make,)``, type = ``(make, type)``, model = ``(make, type, model)``, year = the full class
@@ -229,11 +203,7 @@ def level_accuracy(pred: pd.DataFrame, true_class_index, class_table: pd.DataFra
 
     Returns
     -------
-    dict
-        ``accuracy_make, accuracy_type, accuracy_model, accuracy_year`` and, among the queries whose
-        class is wrong (year level wrong), ``make_right_given_class_wrong`` and
-        ``type_right_given_class_wrong`` (make+type right) -- NaN if no class is wrong -- plus the
-        counts ``n_queries`` and ``n_class_wrong``.
+    DataFrame of booleans, one row per query (pred's index), columns ``make, type, model, year``.
     """
     truth = np.asarray(true_class_index, dtype=np.int64)
     if len(truth) != len(pred):
@@ -241,12 +211,28 @@ def level_accuracy(pred: pd.DataFrame, true_class_index, class_table: pd.DataFra
     table = class_table.reset_index(drop=True)
     if len(truth) and (truth.min() < 0 or truth.max() >= len(table)):
         raise ValueError(f"true_class_index must be in 0..{len(table) - 1}")
-    correct = {}
+    out = {}
     for level in LEVELS:
-        true_keys = level_keys(table, level).to_numpy()[truth]
-        pred_keys = _pred_keys(pred, table, level)
-        correct[level] = np.array([a == b for a, b in zip(pred_keys, true_keys)], dtype=bool)
-    n = len(truth)
+        codes, uniques = pd.factorize(level_keys(table, level))
+        out[level] = codes[truth] == _pred_codes(pred, level, codes, uniques)
+    return pd.DataFrame(out, index=pred.index)
+
+
+def level_accuracy(pred: pd.DataFrame, true_class_index, class_table: pd.DataFrame) -> dict:
+    """Accuracy at each hierarchy level, with prefix semantics.
+
+    Correctness is :func:`level_correct`'s (prefix semantics), with the same parameters.
+
+    Returns
+    -------
+    dict
+        ``accuracy_make, accuracy_type, accuracy_model, accuracy_year`` and, among the queries whose
+        class is wrong (year level wrong), ``make_right_given_class_wrong`` and
+        ``type_right_given_class_wrong`` (make+type right) -- NaN if no class is wrong -- plus the
+        counts ``n_queries`` and ``n_class_wrong``.
+    """
+    correct = {lv: c.to_numpy(bool) for lv, c in level_correct(pred, true_class_index, class_table).items()}
+    n = len(pred)
     out = {f"accuracy_{lv}": float(correct[lv].mean()) if n else float("nan") for lv in LEVELS}
     wrong = ~correct["year"]
     nw = int(wrong.sum())

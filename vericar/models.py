@@ -38,7 +38,6 @@ from urllib.parse import urlparse
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms import v2
 
 __all__ = [
     "BACKBONES",
@@ -49,9 +48,7 @@ __all__ = [
     "build_backbone",
     "build_model",
     "convert_lite_state_dict",
-    "eval_transform",
     "load_imagenet_classifier",
-    "train_transform",
 ]
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -510,59 +507,6 @@ def build_model(backbone: str = DEFAULT_BACKBONE, embedding_dim: int = 256, pret
     module, spec = build_backbone(backbone, pretrained=pretrained)
     return EmbeddingModel(module, spec, embedding_dim=embedding_dim, hidden_dim=hidden_dim, dropout=dropout,
                           flip_tta=flip_tta)
-
-
-# --------------------------------------------------------------------------------------------------
-# Transforms
-# --------------------------------------------------------------------------------------------------
-
-_INTERPOLATIONS = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}
-
-
-def _interpolation(spec: BackboneSpec) -> v2.InterpolationMode:
-    if spec.interpolation not in _INTERPOLATIONS:
-        raise ValueError(f"unknown interpolation {spec.interpolation!r}; expected one of {list(_INTERPOLATIONS)}")
-    return _INTERPOLATIONS[spec.interpolation]
-
-
-def eval_transform(spec: BackboneSpec, image_size: int | None = None) -> v2.Compose:
-    """PIL image (or HWC uint8 array) -> normalised float tensor ``(3, image_size, image_size)``.
-
-    The whole image is resized to a square, stretching it (no crop): Stanford Cars images are used as
-    bounding-box crops, so every pixel is car, as in the seed.  Grayscale images are made RGB.
-    ``image_size`` defaults to ``spec.default_size``.
-    """
-    size = image_size or spec.default_size
-    return v2.Compose([
-        v2.ToImage(),
-        v2.RGB(),
-        v2.Resize((size, size), interpolation=_interpolation(spec), antialias=True),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(spec.mean), std=list(spec.std)),
-    ])
-
-
-def train_transform(spec: BackboneSpec, image_size: int | None = None) -> v2.Compose:
-    """:func:`eval_transform` plus light augmentation suited to cars.
-
-    The image is first stretched to the same square as at evaluation, then a random crop covering
-    60-100% of it with a mild aspect change (4:5 to 5:4) is resized back, so training sees the same
-    geometry as evaluation up to a small zoom.  Horizontal flips (cars are left/right symmetric; the
-    class does not change) and a mild colour jitter (brightness/contrast/saturation 0.2, no hue shift).
-    """
-    size = image_size or spec.default_size
-    interpolation = _interpolation(spec)
-    return v2.Compose([
-        v2.ToImage(),
-        v2.RGB(),
-        v2.Resize((size, size), interpolation=interpolation, antialias=True),
-        v2.RandomResizedCrop((size, size), scale=(0.6, 1.0), ratio=(4 / 5, 5 / 4),
-                             interpolation=interpolation, antialias=True),
-        v2.RandomHorizontalFlip(p=0.5),
-        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(spec.mean), std=list(spec.std)),
-    ])
 
 
 # --------------------------------------------------------------------------------------------------

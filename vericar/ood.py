@@ -26,9 +26,9 @@ Conventions used by every metric here
 * ``AUPR`` (AUPR-In) = ``sklearn.metrics.average_precision_score`` with ID = 1 and the scores as given;
   ``AUPR-Out`` = the same with OOD = 1 and the negated scores.
 
-The K-NN search is exact (torch matmul + top-k, in query chunks); the selected neighbours' distances are
-then recomputed directly as ``||q - x||`` (no ``|q|^2 + |x|^2 - 2 q.x`` cancellation), so exact
-duplicates are at distance exactly 0.
+The K-NN search is the neighbour layer's exact one (:mod:`vericar.neighbours`: torch or faiss by database
+size); the selected neighbours' distances are recomputed directly as ``||q - x||`` (no
+``|q|^2 + |x|^2 - 2 q.x`` cancellation), so exact duplicates are at distance exactly 0.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from scipy.special import softmax
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from .neighbours import as_2d_float, knn_search, l2_normalize
 
 __all__ = [
     "fpr_at_tpr",
@@ -55,26 +56,12 @@ __all__ = [
     "threshold_at_tpr",
 ]
 
-# Upper bound on elements of the (rows, k, d) gather tensor used to recompute neighbour distances.
-_GATHER_ELEMENTS = 1 << 24
 _SWEEP_COLUMNS = ("k", "fpr95", "auroc", "aupr", "aupr_out", "threshold", "tpr")
 
 
 # ----------------------------------------------------------------------------------------------------
 # K-NN distances / scores
 # ----------------------------------------------------------------------------------------------------
-
-
-def _as_2d_tensor(a, name: str, dtype: torch.dtype, device) -> torch.Tensor:
-    if isinstance(a, torch.Tensor):
-        t = a.detach().to(device=device, dtype=dtype)
-    else:
-        t = torch.as_tensor(np.asarray(a), dtype=dtype, device=device)
-    if t.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n, dim), got shape {tuple(t.shape)}")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{name} contains NaN or inf")
-    return t
 
 
 def knn_distances(
@@ -108,66 +95,21 @@ def knn_distances(
     device, dtype:
         Where / in which precision the search runs.
 
+    The search is the neighbour layer's exact one (:func:`vericar.neighbours.knn_search`, backend ``"auto"``).
+
     Returns
     -------
     ``(m, k)`` float64 array, each row sorted ascending (column ``j`` = distance to the ``(j+1)``-th NN).
     """
-    k = int(k)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    q = _as_2d_tensor(queries, "queries", dtype, device)
-    x = _as_2d_tensor(database, "database", dtype, device)
-    m, d = q.shape
-    n = x.shape[0]
-    if x.shape[1] != d:
-        raise ValueError(f"queries have dim {d} but database has dim {x.shape[1]}")
-    if n == 0:
-        raise ValueError("database is empty")
-    if exclude_self:
-        if q.shape != x.shape or not torch.equal(q, x):
-            raise ValueError(
-                "exclude_self=True needs the queries to be the database itself (same rows, same order)"
-            )
-    available = n - 1 if exclude_self else n
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if k > available:
-        raise ValueError(
-            f"k={k} is larger than the number of candidate neighbours ({available}: database size {n}"
-            + (", minus the query itself (exclude_self=True)" if exclude_self else "")
-            + ")"
-        )
-    if m == 0:
-        return np.zeros((0, k), dtype=np.float64)
-
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    q = as_2d_float(queries, "queries", np_dtype)
+    x = as_2d_float(database, "database", np_dtype)
+    if exclude_self and (q.shape != x.shape or not np.array_equal(q, x)):
+        raise ValueError("exclude_self=True needs the queries to be the database itself (same rows, same order)")
     if normalize:
-        q = F.normalize(q, dim=1)
-        x = F.normalize(x, dim=1)
-    x_sq = (x * x).sum(dim=1)  # (n,)
-    xt = x.T.contiguous()
-    gather_rows = max(1, _GATHER_ELEMENTS // max(1, k * d))
-
-    out = np.empty((m, k), dtype=np.float64)
-    with torch.no_grad():
-        for start in range(0, m, chunk_size):
-            stop = min(start + chunk_size, m)
-            qc = q[start:stop]
-            # Ranking key: larger = closer.  ||q - x||^2 = |q|^2 - (2 q.x - |x|^2); |q|^2 is per row.
-            key = 2.0 * (qc @ xt) - x_sq
-            if exclude_self:
-                rows = torch.arange(stop - start, device=key.device)
-                key[rows, rows + start] = -math.inf
-            idx = torch.topk(key, k, dim=1, largest=True, sorted=False).indices  # (c, k)
-            del key
-            # Exact distances of the selected neighbours, recomputed without cancellation.
-            dist = torch.empty(idx.shape, dtype=dtype, device=q.device)
-            for s in range(0, stop - start, gather_rows):
-                e = min(s + gather_rows, stop - start)
-                diff = qc[s:e, None, :] - x[idx[s:e]]  # (r, k, d)
-                dist[s:e] = torch.linalg.vector_norm(diff, dim=2)
-            dist, _ = torch.sort(dist, dim=1)
-            out[start:stop] = dist.to("cpu", torch.float64).numpy()
-    return out
+        q, x = l2_normalize(q), l2_normalize(x)
+    dist, _ = knn_search(q, x, k, exclude_self=exclude_self, device=device, dtype=dtype, chunk_size=chunk_size)
+    return dist.astype(np.float64)
 
 
 def knn_scores(queries, database, k: int, **kwargs) -> np.ndarray:

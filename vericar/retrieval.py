@@ -1,30 +1,15 @@
-"""Exact K-NN retrieval over L2-normalised embeddings, and K-NN label voting (flat and hierarchical).
+"""Labelled exact K-NN retrieval (:class:`KNNIndex`) and K-NN label voting (flat and hierarchical).
 
 Geometry
 --------
 Embeddings are L2-normalised (``normalize=True``, the default, does it on :meth:`KNNIndex.add` and on
-every query; ``normalize=False`` trusts the caller that they already are).  Neighbours are ranked by
-cosine similarity = dot product, and reported as the **Euclidean distance between unit vectors**
+every query; ``normalize=False`` trusts the caller that they already are).  Neighbours are found by
+the neighbour layer (:class:`vericar.neighbours.ExactSearch`, exact, torch or faiss with its
+``"auto"`` rule) and reported as the **Euclidean distance between unit vectors**
 
     d(q, x) = || q - x ||_2 = sqrt(max(0, 2 - 2 cos(q, x)))   in [0, 2],
 
-the distance KNN+ OOD scoring (:mod:`vericar.ood`) thresholds.  The ranking uses the dot products; the
-distances of the selected neighbours are then recomputed directly as ``||q - x||`` (no ``2 - 2 cos``
-cancellation, so exact duplicates are at distance exactly 0) and each row is sorted ascending by them.
-
-Backends
---------
-``"torch"``  exact: ``queries @ database.T`` then ``topk``, in query chunks, on ``device`` (CPU or CUDA).
-``"faiss"``  exact: ``faiss.IndexFlatIP`` (inner product) on CPU, built lazily and extended on ``add``.
-``"auto"``   the rule is simply: ``"faiss"`` when the database holds more than
-             ``FAISS_AUTO_THRESHOLD`` (200,000) items, ``device`` is CPU and faiss is importable;
-             ``"torch"`` otherwise.  Both are exact flat searches; on a busy 2-core CPU they were
-             within 2x of each other at 10k-100k items, torch a little ahead at 10k and faiss ahead
-             at 100k (``benchmarks/bench_retrieval.py``).  Above 200k the torch query chunks shrink
-             (one chunk's similarity matrix is capped at 2**26 elements) while faiss streams the
-             database with a bounded heap, so faiss is the choice there.  On a GPU torch is used.
-Both backends return the same neighbours up to ties (equal distances may come in either order, and at
-the k-th place either of the tied items may be chosen).
+the distance KNN+ OOD scoring (:mod:`vericar.ood`) thresholds, ascending per row.
 
 Voting
 ------
@@ -43,56 +28,20 @@ import pandas as pd
 import torch
 
 from .data.hierarchy import LEVELS, level_keys
+from .neighbours import ExactSearch, as_2d_float, l2_normalize
 
 __all__ = [
-    "FAISS_AUTO_THRESHOLD",
     "KNNIndex",
-    "as_2d_float",
     "hierarchical_predict",
-    "l2_normalize",
     "vote",
     "vote_weights",
 ]
 
-#: Database size above which ``backend="auto"`` chooses faiss (on a CPU device).
-FAISS_AUTO_THRESHOLD = 200_000
-
 #: Added to distances before inverting them for ``weighted=True`` votes (keeps exact duplicates finite).
 WEIGHT_EPS = 1e-6
 
-# Upper bound on the elements of one (query chunk x database) similarity matrix (float32: 256 MiB).
-_SIM_ELEMENTS = 1 << 26
-# Upper bound on the elements of the (rows, k, dim) gather used to recompute neighbour distances.
-_GATHER_ELEMENTS = 1 << 24
 # Upper bound on the elements of the (rows, k, k) agreement tensor used by `vote`.
 _VOTE_ELEMENTS = 1 << 23
-
-
-def _faiss():
-    try:
-        import faiss  # noqa: PLC0415
-    except ImportError:  # pragma: no cover - faiss-cpu is a declared dependency
-        return None
-    return faiss
-
-
-def as_2d_float(a, name: str) -> np.ndarray:
-    """``a`` (numpy or torch) as a contiguous float32 (n, dim) array; refuses other shapes, NaN and inf."""
-    if isinstance(a, torch.Tensor):
-        a = a.detach().cpu().numpy()
-    arr = np.ascontiguousarray(np.asarray(a, dtype=np.float32))
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n, dim), got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or inf")
-    return arr
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Row-wise L2 normalisation (float32); all-zero rows stay zero."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.maximum(norms, eps), dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -197,17 +146,9 @@ class KNNIndex:
         device="cpu",
         normalize: bool = True,
     ) -> None:
-        if backend not in ("auto", "torch", "faiss"):
-            raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'torch' or 'faiss'")
-        if backend == "faiss" and _faiss() is None:  # pragma: no cover
-            raise ImportError("backend='faiss' needs faiss (pip install faiss-cpu)")
-        self.backend = backend
-        self.device = torch.device(device)
+        self._search = ExactSearch(backend=backend, device=device)
         self.normalize = normalize
-        self.embeddings = np.zeros((0, 0), dtype=np.float32)
         self.labels = np.zeros(0, dtype=np.int64)
-        self._torch_db: torch.Tensor | None = None
-        self._faiss_index = None
         if embeddings is not None or labels is not None:
             if embeddings is None or labels is None:
                 raise ValueError("give both embeddings and labels, or neither")
@@ -215,13 +156,26 @@ class KNNIndex:
 
     # -- building --------------------------------------------------------------------------------
 
+    @property
+    def backend(self) -> str:
+        return self._search.backend
+
+    @property
+    def device(self) -> torch.device:
+        return self._search.device
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """The (normalised) database, float32 (n, dim)."""
+        return self._search.database
+
     def __len__(self) -> int:
-        return int(self.embeddings.shape[0])
+        return len(self._search)
 
     @property
     def dim(self) -> int | None:
         """Embedding dimension (None while the index is empty)."""
-        return None if len(self) == 0 else int(self.embeddings.shape[1])
+        return self._search.dim
 
     def __repr__(self) -> str:
         return (f"KNNIndex(n={len(self)}, dim={self.dim}, backend={self.backend!r} -> "
@@ -233,80 +187,16 @@ class KNNIndex:
         lab = np.asarray(labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels)
         if lab.ndim != 1 or len(lab) != len(emb):
             raise ValueError(f"labels must be 1-D with one label per embedding ({len(emb)}), got shape {lab.shape}")
-        if len(self) > 0 and emb.shape[1] != self.dim:
-            raise ValueError(f"embedding dim {emb.shape[1]} does not match the index dim {self.dim}")
-        if self.normalize:
-            emb = l2_normalize(emb)
-        if len(self) == 0:
-            self.embeddings = emb.copy()
-            self.labels = lab.copy()
-        else:
-            self.embeddings = np.concatenate([self.embeddings, emb])
-            self.labels = np.concatenate([self.labels, lab])
-        if self._torch_db is not None:
-            self._torch_db = torch.cat([self._torch_db, torch.from_numpy(emb).to(self.device)])
-        if self._faiss_index is not None:
-            self._faiss_index.add(emb)
+        self._search.add(l2_normalize(emb) if self.normalize else emb)
+        self.labels = lab.copy() if len(self.labels) == 0 else np.concatenate([self.labels, lab])
         return self
 
     @property
     def resolved_backend(self) -> str:
         """The backend a search runs with now (``"auto"`` resolved for the current size)."""
-        if self.backend != "auto":
-            return self.backend
-        if len(self) > FAISS_AUTO_THRESHOLD and self.device.type == "cpu" and _faiss() is not None:
-            return "faiss"
-        return "torch"
+        return self._search.resolved_backend
 
     # -- searching -------------------------------------------------------------------------------
-
-    def _prepare_queries(self, queries) -> np.ndarray:
-        q = as_2d_float(queries, "queries")
-        if len(self) == 0:
-            raise ValueError("the index is empty; add() embeddings first")
-        if q.shape[1] != self.dim:
-            raise ValueError(f"query dim {q.shape[1]} does not match the index dim {self.dim}")
-        return l2_normalize(q) if self.normalize else q
-
-    def _search_torch(self, q: np.ndarray, kk: int, exclude_self: bool, chunk_size: int) -> np.ndarray:
-        if self._torch_db is None:
-            self._torch_db = torch.from_numpy(self.embeddings).to(self.device)
-        db = self._torch_db
-        n = len(self)
-        rows = max(1, min(chunk_size, _SIM_ELEMENTS // n))
-        out = np.empty((len(q), kk), dtype=np.int64)
-        with torch.no_grad():
-            for s in range(0, len(q), rows):
-                qc = torch.from_numpy(q[s : s + rows]).to(self.device)
-                sim = qc @ db.T
-                if exclude_self:
-                    r = torch.arange(len(qc), device=self.device)
-                    sim[r, r + s] = -torch.inf
-                out[s : s + rows] = sim.topk(kk, dim=1, largest=True, sorted=True).indices.cpu().numpy()
-        return out
-
-    def _search_faiss(self, q: np.ndarray, kk: int, exclude_self: bool) -> np.ndarray:
-        if self._faiss_index is None:
-            faiss = _faiss()
-            self._faiss_index = faiss.IndexFlatIP(self.dim)
-            self._faiss_index.add(self.embeddings)
-        if not exclude_self:
-            return self._faiss_index.search(q, kk)[1].astype(np.int64)
-        # Ask for one more and drop the query's own index wherever it is (with duplicates it need
-        # not be at rank 0); rows where it is not among the k+1 drop their last neighbour.
-        idx = self._faiss_index.search(q, kk + 1)[1].astype(np.int64)
-        is_self = idx == np.arange(len(q))[:, None]
-        is_self[~is_self.any(axis=1), -1] = True
-        return idx[~is_self].reshape(len(q), kk)
-
-    def _distances(self, q: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        n, k = idx.shape
-        d = np.empty((n, k), dtype=np.float32)
-        rows = max(1, _GATHER_ELEMENTS // max(1, k * q.shape[1]))
-        for s in range(0, n, rows):
-            diff = self.embeddings[idx[s : s + rows]] - q[s : s + rows, None, :]
-            d[s : s + rows] = np.sqrt(np.einsum("nkd,nkd->nk", diff, diff))
-        return d
 
     def search(self, queries, k: int, *, exclude_self: bool = False,
                chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -332,22 +222,13 @@ class KNNIndex:
         indices : int64 (N, k)
             Database row of each neighbour.
         """
-        q = self._prepare_queries(queries)
-        n = len(self)
-        k = int(k)
-        if exclude_self and len(q) != n:
-            raise ValueError(f"exclude_self=True needs the queries to be the database ({n} rows), got {len(q)}")
-        k_max = n - 1 if exclude_self else n
-        if not 1 <= k <= k_max:
-            raise ValueError(f"k must be in 1..{k_max} for a database of {n} items"
-                             f"{' with exclude_self' if exclude_self else ''}, got {k}")
-        if self.resolved_backend == "faiss":
-            idx = self._search_faiss(q, k, exclude_self)
-        else:
-            idx = self._search_torch(q, k, exclude_self, int(chunk_size))
-        dist = self._distances(q, idx)
-        order = np.argsort(dist, axis=1, kind="stable")
-        return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
+        q = as_2d_float(queries, "queries")
+        if len(self) == 0:
+            raise ValueError("the index is empty; add() embeddings first")
+        if q.shape[1] != self.dim:
+            raise ValueError(f"query dim {q.shape[1]} does not match the index dim {self.dim}")
+        q = l2_normalize(q) if self.normalize else q
+        return self._search.search(q, k, exclude_self=exclude_self, chunk_size=chunk_size)
 
     def predict(self, queries, k: int = 1, *, weighted: bool = False,
                 exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -37,6 +37,7 @@ import dataclasses
 import json
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +69,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _lr_lambda(total_steps: int, warmup_steps: int):
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))
-    return f
+def lr_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
+                 warmup_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """torch's schedulers: linear warm-up over ``warmup_steps`` then cosine to 0 after ``total_steps``.
+
+    Step ``t`` (0-based) runs at ``base * (t + 1) / W`` during the warm-up (``t < W``) and at
+    ``base * (1 + cos(pi (t - W) / (T - W))) / 2`` after it; one ``scheduler.step()`` per optimiser step.
+    """
+    total, warmup = max(1, int(total_steps)), max(0, int(warmup_steps))
+    if warmup == 0:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    warm = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, end_factor=1.0,
+                                             total_iters=warmup - 1)
+    if warmup >= total:
+        return warm
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total - warmup)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warm, cosine], milestones=[warmup])
+
+
+def restore_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
+    """Load a checkpoint's scheduler state; a checkpoint of the former ``LambdaLR`` (the same schedule as a
+    lambda) is replayed from step 0 to its step instead (``scheduler`` must be fresh)."""
+    if "_schedulers" in state or "lr_lambdas" not in state:
+        scheduler.load_state_dict(state)
+        return
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):  # back to step 0
+        group["lr"] = lr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": a replay, not training
+        for _ in range(int(state["last_epoch"])):
+            scheduler.step()
 
 
 def epoch_batches(labels: np.ndarray, config: TrainConfig, epoch: int) -> list[np.ndarray]:
@@ -230,8 +254,7 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
     optimizer = torch.optim.AdamW(params)
     steps_per_epoch = len(epoch_batches(y_train, config, 0))
     total = steps_per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(total, int(round(config.warmup_epochs * steps_per_epoch))))
+    scheduler = lr_scheduler(optimizer, total, int(round(config.warmup_epochs * steps_per_epoch)))
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
@@ -243,7 +266,7 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
         if proxy_loss:
             loss_fn.load_state_dict(ckpt["loss"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        restore_scheduler(scheduler, ckpt["scheduler"])
         history, start_epoch = ckpt["history"], ckpt["epoch"]
 
     forward = distributed.wrap_model(distributed.TrainForward(model, tail if cached is not None else None), device)

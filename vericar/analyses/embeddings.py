@@ -46,7 +46,8 @@ import pandas as pd
 from sklearn.metrics import silhouette_score
 
 from ..data.hierarchy import LEVELS, level_keys
-from ..retrieval import KNNIndex, l2_normalize
+from ..neighbours import l2_normalize
+from ..retrieval import KNNIndex
 
 __all__ = [
     "chance_purity",

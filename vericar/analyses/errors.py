@@ -5,7 +5,7 @@ Everything starts from one table, :func:`nearest_neighbour_table`: each query of
 database image (exact cosine K-NN, :class:`vericar.retrieval.KNNIndex`; leave-one-out for ``zero-shot``),
 the true and predicted class and their hierarchy. A query is *correct* when the neighbour's class is its class
 (1-NN accuracy = ``precision_at_1``); per-level correctness follows the study's prefix semantics
-(:func:`vericar.metrics.level_accuracy`).
+(:func:`vericar.metrics.level_correct`).
 
 Confusion structure (:func:`confusion_kind`), for a wrong prediction, checked in this order:
 
@@ -30,10 +30,11 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from ..data.dataset import CarsDataset
-from ..data.hierarchy import LEVELS, level_keys
+from ..data.hierarchy import LEVELS
 from ..data.splits import Split
-from ..metrics import grouped_accuracy, level_accuracy, wilson_interval
-from ..retrieval import KNNIndex, l2_normalize
+from ..metrics import grouped_accuracy, level_correct, wilson_interval
+from ..neighbours import l2_normalize
+from ..retrieval import KNNIndex
 
 __all__ = [
     "CONFUSION_KINDS",
@@ -45,7 +46,6 @@ __all__ = [
     "confusion_structure",
     "group_accuracy_tables",
     "image_widths",
-    "level_correct",
     "level_table",
     "near_duplicate_errors",
     "nearest_neighbour_table",
@@ -114,32 +114,19 @@ def nearest_neighbour_table(embeddings, cars: CarsDataset, split: Split, *, devi
     return out
 
 
-def level_correct(nn: pd.DataFrame, hierarchy: pd.DataFrame) -> pd.DataFrame:
-    """Boolean per query and level: is the neighbour's label prefix down to that level the truth's?"""
-    table = hierarchy.reset_index(drop=True)
-    out = {}
-    for level in LEVELS:
-        codes = pd.factorize(level_keys(table, level))[0]
-        out[level] = codes[nn["true_class"].to_numpy()] == codes[nn["pred_class"].to_numpy()]
-    return pd.DataFrame(out, index=nn.index)
-
-
 def level_table(nn: pd.DataFrame, hierarchy: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     """Accuracy at make / type / model / year from the same 1-NN, with counts and Wilson intervals.
 
-    The accuracies are :func:`vericar.metrics.level_accuracy`'s (checked against the counts here).
+    Correctness is :func:`vericar.metrics.level_correct`'s (prefix semantics).
     """
-    acc = level_accuracy(pd.DataFrame({"class_index": nn["pred_class"].to_numpy()}), nn["true_class"].to_numpy(),
-                         hierarchy)
-    correct = level_correct(nn, hierarchy)
+    correct = level_correct(pd.DataFrame({"class_index": nn["pred_class"].to_numpy()}, index=nn.index),
+                            nn["true_class"].to_numpy(), hierarchy)
     n = len(nn)
     rows = []
     for level in LEVELS:
         k = int(correct[level].sum())
-        if n and not np.isclose(k / n, acc[f"accuracy_{level}"]):
-            raise AssertionError(f"level {level}: {k}/{n} disagrees with level_accuracy")
         low, high = wilson_interval(k, n, alpha)
-        rows.append({"level": level, "n": n, "correct": k, "accuracy": acc[f"accuracy_{level}"],
+        rows.append({"level": level, "n": n, "correct": k, "accuracy": k / n if n else float("nan"),
                      "ci_low": low, "ci_high": high})
     return pd.DataFrame(rows)
 

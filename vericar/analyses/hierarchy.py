@@ -12,7 +12,7 @@ Per-query outcomes
 ------------------
 :func:`level_outcomes`: every query of a split is named by a hierarchical K-NN vote against the split's
 database (:func:`vericar.retrieval.hierarchical_predict`; ``k=1`` copies the nearest neighbour) and marked
-correct or not at each level, with the prefix semantics of :func:`vericar.metrics.level_accuracy` (type =
+correct or not at each level by :func:`vericar.metrics.level_correct` (prefix semantics: type =
 make + type, model = make + type + model, year = the class).  ``queries="ood_query"`` does the same for the
 held-out classes of ``open-world`` against the *known* database.  A held-out class is never in the
 database, so its class (and, when the held-out unit is the model, its model) cannot be right; its make and
@@ -64,6 +64,7 @@ from statsmodels.stats.multitest import multipletests
 from ..data.hierarchy import LEVELS, level_keys
 from ..data.splits import Split
 from ..losses import HierarchicalMSLoss, level_label_matrix
+from ..metrics import level_correct
 from ..retrieval import KNNIndex, hierarchical_predict
 
 __all__ = [
@@ -206,17 +207,15 @@ def level_outcomes(embeddings, labels, split: Split, class_table: pd.DataFrame, 
     dist, nb = index.search(emb[q], k, exclude_self=loo)
     pred = hierarchical_predict(index.labels[nb], dist, table)
     out["pred_class"] = pred["class_index"].to_numpy(dtype=np.int64)
+    right = level_correct(pred, out["true_class"].to_numpy(), table)
     depth = np.full(len(q), "none", dtype=object)
     still = np.ones(len(q), dtype=bool)
     for level in LEVELS:
-        keys = level_keys(table, level)
-        codes, uniques = pd.factorize(keys)
+        codes, uniques = pd.factorize(level_keys(table, level))
         true_codes = codes[out["true_class"].to_numpy()]
-        lookup = {key: i for i, key in enumerate(uniques)}
-        pred_codes = np.array([lookup.get(key, -1) for key in pred[f"{level}_key"]], dtype=np.int64)
-        correct = true_codes == pred_codes
         counts = np.bincount(codes[labels[db]], minlength=len(uniques))
         known = counts[true_codes] > (1 if loo else 0)
+        correct = right[level].to_numpy(bool)
         out[f"correct_{level}"] = correct
         out[f"known_{level}"] = known
         still &= correct

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .dataset import CarsDataset, ImageSubset, validate_table
+from .dataset import CarsDataset, validate_table
 from .hierarchy import BODY_TYPES, LEVELS, CarLabel, hierarchy_table, level_keys, parse_class_name
 from .images import CorruptImageError, DataError, load_image
 from .splits import HOLDOUT_UNITS, PROTOCOLS, SSB_DIFFICULTIES, Split, make_split, ssb_class_split
@@ -44,7 +44,7 @@ def open_dataset(dataset: str, data_dir: str | Path, *, synth_config="default", 
 
 __all__ = [
     "BODY_TYPES", "CarLabel", "CarsDataset", "CorruptImageError", "DATASETS", "DataError", "HOLDOUT_UNITS",
-    "ImageSubset", "LEVELS", "PROTOCOLS", "Split", "check_images", "detect_layout", "hierarchy_table",
+    "LEVELS", "PROTOCOLS", "Split", "check_images", "detect_layout", "hierarchy_table",
     "level_keys", "load_image", "load_stanford_cars", "make_split", "open_dataset", "parse_class_name",
     "read_class_names", "read_devkit_annotations", "SSB_DIFFICULTIES", "ssb_class_split", "validate_table",
 ]

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .hierarchy import hierarchy_table
 from .images import DataError, load_image
@@ -75,25 +74,6 @@ class CarsDataset:
     def image(self, index: int):
         """The image at row ``index`` as an RGB PIL image, cropped to its box when the source has one."""
         return load_image(self.path(index), self.bbox(index))
-
-    def torch_dataset(self, indices, transform) -> "ImageSubset":
-        """A ``torch.utils.data.Dataset`` over the given rows yielding ``(transform(image), label)``."""
-        return ImageSubset(self, np.asarray(indices, dtype=np.int64), transform)
-
-
-class ImageSubset(torch.utils.data.Dataset):
-    """Rows of a :class:`CarsDataset` as a torch dataset of ``(image tensor, 0-based label)``."""
-
-    def __init__(self, cars: CarsDataset, indices: np.ndarray, transform) -> None:
-        self.cars, self.indices, self.transform = cars, indices, transform
-        self.targets = cars.labels[indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        image = self.cars.image(int(self.indices[i]))
-        return self.transform(image), int(self.targets[i])
 
 
 def validate_table(table: pd.DataFrame, class_names: list[str], root: Path, *,
