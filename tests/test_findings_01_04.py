@@ -247,3 +247,51 @@ def test_nb02_verdict_flips():
     assert "25.0%" in first
     text = findings("02", result)
     assert "leaves the loss flat" not in text and "SynthCars (synthetic" in text
+
+
+# -- 01 · the data -----------------------------------------------------------------------------------------------
+
+def _eda_cars():
+    table = pd.DataFrame({"split": ["train", "train", "train", "test"], "class_id": [1, 1, 2, 2]})
+    hierarchy = pd.DataFrame({"make": ["A", "B"], "type": ["Sedan", "Sedan"], "year": [2010, 2012]})
+    return SimpleNamespace(table=table, hierarchy=hierarchy, num_classes=2, class_names=["A Sedan 2010", "B Sedan 2012"], image=lambda i: f"img{i}")
+
+
+def test_eda_metrics():
+    from vericar.data.summary import eda_metrics
+
+    class Cars(SimpleNamespace):
+        def __len__(self):
+            return len(self.table)
+    cars = Cars(**vars(_eda_cars()))
+    scan = pd.DataFrame({"error": ["", "bad", "", ""], "width": [10, 20, 30, 40], "height": [5, 5, 6, 8]})
+    pairs = pd.DataFrame({"cross_split": [True, False], "cross_class": [True, True]})
+    m = eda_metrics(cars, {"min": 1, "median": 1.5, "max": 2, "gini": 0.1}, scan, pairs, {"recovered": 3})
+    assert (m["images"], m["train_images"], m["test_images"], m["classes"], m["makes"], m["types"]) == (4, 3, 1, 2, 2, 1)
+    assert m["unreadable_images"] == 1 and m["median_width"] == 25.0 and m["median_height"] == 5.5
+    assert (m["near_duplicate_pairs"], m["near_duplicates_cross_split"], m["near_duplicates_cross_class"]) == (2, 1, 2)
+    assert m["reference_recovered"] == 3 and m["train_per_class_gini"] == 0.1
+
+
+def test_pair_panels_puts_cross_class_pairs_first():
+    from vericar.data.summary import pair_panels
+
+    cars = _eda_cars()
+    pairs = pd.DataFrame({"i": [0, 1], "j": [2, 3], "cross_class": [False, True], "distance": [0, 3],
+                          "class_id_i": [1, 1], "class_id_j": [1, 2], "filename_i": ["a", "b"], "filename_j": ["c", "d"]})
+    images, titles = pair_panels(cars, pairs, n=1)
+    assert images == [("img1", "img3")]
+    assert titles == ["A Sedan 2010\nb", "B Sedan 2012\nd"]
+
+
+def test_nb01_on_the_committed_results_and_flipped():
+    result = committed("01_eda")
+    first = headline("01", result)
+    assert "16,185 images of 196 car models from 49 makes" in first and "79 of them filed under two" in first
+    assert "Gini 0.052: close to balanced" in findings("01", result)
+    crafted = copy.deepcopy(result)
+    crafted["dataset"] = "synthetic"
+    crafted["metrics"].update(near_duplicates_cross_class=0, train_per_class_gini=0.4)
+    text = findings("01", crafted)
+    assert "none filed under two different classes" in text.splitlines()[0]
+    assert "unbalanced" in text and "SynthCars (synthetic" in text

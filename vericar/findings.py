@@ -34,6 +34,33 @@ def label(entry: dict[str, Any]) -> str:
 
 # Each notebook's function: ``nbNN(result) -> str``, Markdown whose first line is a one-sentence headline in bold.
 # --- 01 · the data -------------------------------------------------------------------------------------------
+def nb01(result: dict[str, Any]) -> str:
+    """Notebook 01: the data's size, balance, hierarchy, image sizes and the photos filed twice."""
+    m = result["metrics"]
+    name = result.get("dataset_name") or result.get("dataset")
+    cross_class, pairs = m.get("near_duplicates_cross_class", 0), m.get("near_duplicate_pairs", 0)
+    dup = (f"{pairs} pairs of images are the same photo, {cross_class} of them filed under two different classes"
+           if cross_class else f"{pairs} pairs of images are the same photo, none filed under two different classes")
+    lines = [f"**{name} holds {m['images']:,} images of {m['classes']} car models from {m['makes']} makes; {dup} "
+             f"(dHash within {result.get('near_duplicate_bits', '?')} bits).**", "",
+             f"- Data: {_data_words_01_04(result.get('dataset'))} ({name}, {result.get('device')}): "
+             f"{m['train_images']:,} training and {m['test_images']:,} test images, {m['types']} body types, "
+             f"{m['years']} model years.",
+             f"- Balance: {m['train_per_class_min']:.0f} to {m['train_per_class_max']:.0f} training images per class "
+             f"(median {m['train_per_class_median']:.0f}, Gini {m['train_per_class_gini']:.3f}"
+             + (": close to balanced)." if m["train_per_class_gini"] < 0.1 else ": unbalanced, per-class numbers matter)."),
+             f"- Images: median {m['median_width']:.0f} x {m['median_height']:.0f} px as used; "
+             f"{m['unreadable_images']} unreadable."]
+    leak = m.get("near_duplicates_cross_split", 0)
+    lines.append(f"- Duplicates: {leak} of the {pairs} pairs straddle train and test (a small leak between the "
+                 f"protocols' sets); {cross_class} under different classes are label noise that caps the accuracy any model can reach."
+                 if pairs else "- Duplicates: none found.")
+    if "reference_reference_pairs" in m:
+        lines.append(f"- Against the folder's reference list of {m['reference_reference_pairs']} pairs, the hash check "
+                     f"recovers {m['reference_recovered']} and misses {m['reference_missed']}; it finds "
+                     f"{m['reference_extra']} more.")
+    return "\n".join(lines) + "\n"
+
 
 
 # --- 02 · the gradient bug -----------------------------------------------------------------------------------
