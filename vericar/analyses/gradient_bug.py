@@ -53,6 +53,7 @@ import torch
 from ..data import CarsDataset, Split
 from ..losses import ACCUMULATION_VARIANTS, GRAPH_CUTTING_VARIANTS, GRAPH_PRESERVING_VARIANTS, RAISING_VARIANTS
 from ..metrics import wilson_interval
+from ..results import results_entry
 from ..retrieval import KNNIndex
 
 if TYPE_CHECKING:
@@ -76,6 +77,16 @@ __all__ = [
     "run_comparison",
     "unlabelled_test_file_labels",
     "verdict_groups",
+    "LabelCorruption",
+    "comparison_lines",
+    "conclusion_lines",
+    "corrupted_scores_text",
+    "coverage_table",
+    "expected_shuffle_coverage",
+    "gradient_bug_entries",
+    "gradient_check_lines",
+    "label_corruption_study",
+    "variants_table",
 ]
 
 CORRUPTION_MODES = ("value", "mod")
@@ -577,3 +588,225 @@ def gradient_verdicts(report: pd.DataFrame, *, rtol: float = 1e-3) -> pd.DataFra
     out["verdict"] = verdicts
     out["loss_matches"] = matches
     return out
+
+
+# ==================================================================================================
+# The notebook's tables, sentences and results entries (notebook 02 shows what these build)
+# ==================================================================================================
+
+
+def gradient_check_lines(report: pd.DataFrame) -> list[str]:
+    """One line per accumulation variant of the one-batch check (:func:`gradient_verdicts` with an ``expected``
+    column), then whether the measured verdicts agree with :func:`expected_gradient_verdict`, then the write-up's
+    "wrong" loop in words when it was checked."""
+    ref = report.set_index("variant").loc["ms"]
+    lines = []
+    for _, r in report[report["role"] == "variant"].iterrows():
+        detail = (r["error"] if r["verdict"] == "raises" else
+                  f"loss {r['loss']:.4f} (pml {ref['loss']:.4f}), gradient norm backbone {r['grad_norm_backbone']:.3g} / "
+                  f"head {r['grad_norm_head']:.3g} (pml {ref['grad_norm_backbone']:.3g} / {ref['grad_norm_head']:.3g})")
+        lines.append(f"{r['variant']:>18}: {r['verdict']:<30} {detail}")
+    mismatch = report[(report["role"] == "variant") & (report["verdict"] != report["expected"])]
+    lines.append("\nagrees with vericar.losses' tested classification: "
+                 + ("yes" if mismatch.empty else f"NO for {list(mismatch['variant'])}"))
+    if "writeup_wrong_loop" in set(report["variant"]):
+        wl = report.set_index("variant").loc["writeup_wrong_loop"]
+        lines.append(f"The write-up's 'wrong' loop (loss = loss + sample_loss): {wl['verdict']}; cosine with pml's "
+                     f"gradient {wl['cos_all']:.6f}, relative difference {wl['rel_diff_all']:.1e}.")
+    return lines
+
+
+@dataclass
+class LabelCorruption:
+    """What the unlabelled test file's labels do to a dataset (:func:`label_corruption_study`).
+
+    ``table``: :func:`label_corruption_summary` per set (the official test set when there is one, then the
+    training rows); ``train_corrupt``: the corrupted labels of the training rows (what ``corrupt_labels`` trains
+    on); ``test_rows``; ``figure_true`` / ``figure_corrupt`` / ``figure_set``: what the figure compares (the test
+    set, else the training rows); ``text``: the measurements in words.
+    """
+
+    table: pd.DataFrame
+    train_corrupt: np.ndarray
+    test_rows: np.ndarray
+    figure_true: np.ndarray
+    figure_corrupt: np.ndarray
+    figure_set: str
+    text: str
+
+
+def label_corruption_study(cars: CarsDataset, train_rows, *, protocol: str, mode: str = "value") -> LabelCorruption:
+    """Read the labels as the seed did (:func:`unlabelled_test_file_labels`) on the official test set (when the
+    dataset has one) and on ``train_rows``, and summarise how much class information survives."""
+    t = cars.table
+    test_rows = np.flatnonzero((t["split"] == "test").to_numpy())
+    summaries, lines = {}, []
+    test_corrupt = unlabelled_test_file_labels(t, test_rows) if len(test_rows) else None
+    if len(test_rows):
+        s = summaries["official test set"] = label_corruption_summary(cars.labels[test_rows], test_corrupt)
+        lines.append(f"Read this way, the {s['images']:,} test images fall into {s['pseudo_classes']:,} 'classes' "
+                     f"(true: {s['true_classes']}); the write-up reported 1,103 on Stanford Cars.")
+    train_rows = np.asarray(train_rows)
+    train_corrupt = unlabelled_test_file_labels(t, train_rows, mode=mode, num_classes=cars.num_classes)
+    s = summaries[f"{protocol} training rows"] = label_corruption_summary(cars.labels[train_rows], train_corrupt)
+    lines.append(f"On the training rows, of the image pairs that share a corrupted label only {s['pair_precision']:.1%} "
+                 f"share the true class (random pairs: {s['chance_pair_precision']:.1%}); {s['singleton_fraction']:.0%} "
+                 "of the images are alone in their pseudo-class.")
+    if len(test_rows):
+        fig_true, fig_corrupt, fig_set = cars.labels[test_rows], test_corrupt, "test set"
+    else:
+        fig_true, fig_corrupt, fig_set = cars.labels[train_rows], train_corrupt, "training rows"
+    return LabelCorruption(pd.DataFrame(summaries).T, train_corrupt, test_rows, fig_true, fig_corrupt, fig_set,
+                           "\n".join(lines))
+
+
+def coverage_table(true_labels, corrupted_labels, batch_size: int, m_per_class: int, *, seed: int = 0) -> pd.DataFrame:
+    """Fraction of anchors with at least one positive in the batch (:func:`positive_coverage`), for the
+    class-balanced sampler and plain shuffling (columns) on the true and the corrupted labels (rows)."""
+    labels = {"true labels": true_labels, "corrupted labels": corrupted_labels}
+    return pd.DataFrame({
+        "m_per_class": {k: positive_coverage(y, batch_size, "m_per_class", m_per_class, seed=seed) for k, y in labels.items()},
+        "shuffle": {k: positive_coverage(y, batch_size, "shuffle", seed=seed) for k, y in labels.items()},
+    })
+
+
+def expected_shuffle_coverage(n_classes: int, batch_size: int) -> float:
+    """Chance that an anchor has a positive in a shuffled batch from ``n_classes`` equal classes:
+    ``1 - (1 - 1/C)^(B-1)`` (196 classes, batch 64: 27%)."""
+    return 1 - (1 - 1 / n_classes) ** (batch_size - 1)
+
+
+def variants_table(variants: Sequence[Variant]) -> pd.DataFrame:
+    """The grid in a table: name, group, kind, what it changes against the reference, description."""
+    return pd.DataFrame([{"variant": v.name, "group": v.group, "kind": v.kind,
+                          "changes": v.overrides or ("train_labels = bbox_y2" if v.corrupt_labels else "-"),
+                          "description": v.description} for v in variants])
+
+
+def comparison_lines(comparison: Comparison, outcomes: pd.DataFrame, finetune_cars: CarsDataset | None) -> list[str]:
+    """What the grid trained, in words: the fine-tune's own gain (when it ran), runs, seconds, raised variants."""
+    lines = []
+    if finetune_cars is not None and comparison.runs.get("finetune") is not None:
+        m = comparison.runs["finetune"].metrics
+        lines.append(f"fine-tune data: {finetune_cars}; fine-tuned P@1 {m['trained']['precision_at_1']:.3f} vs its frozen "
+                     f"backbone {m['frozen']['precision_at_1']:.3f} (the comparison is between two measurements of the "
+                     "same weights)")
+    lines.append(f"trained {sum(r is not None for r in comparison.runs.values())} runs "
+                 f"({sum(outcomes['train_seconds'].fillna(0)):.0f} s of training); raised: {list(comparison.errors) or 'none'}")
+    return lines
+
+
+def corrupted_scores_text(scores: dict[str, float] | None) -> str:
+    """Part 5 in words: the reference model scored against the true and the corrupted test labels."""
+    if scores is None:
+        return "no official test images in this dataset: skipped"
+    return (f"Scored against the true labels the reference model gets {scores['accuracy_true_labels']:.1%} on the "
+            f"{scores['test_images']:,} test images; against labels read from the unlabelled file it gets "
+            f"{scores['accuracy_corrupted_labels']:.2%}. Against those labels a perfect classifier would get "
+            f"{scores['oracle_corrupted']:.2%} and a random one {scores['chance_corrupted']:.2%}.")
+
+
+_VERDICT_ORDER = ("breaks learning", "slows learning", "no change", "better", "lowers measured accuracy",
+                  "raises measured accuracy", "raises", "inconclusive")
+
+
+def conclusion_lines(outcomes: pd.DataFrame, report: pd.DataFrame, histories: pd.DataFrame | None,
+                     scores: dict[str, float] | None, *, data_name: str, protocol: str, epochs: int) -> list[str]:
+    """The notebook's conclusions, each a measurement: the reference, the variants grouped by verdict, then the
+    write-up's diagnosis (one-batch gradient and training of its "wrong" loop), the accumulations that really cut
+    the graph, the corrupted labels and the other suspects."""
+    groups, o = verdict_groups(outcomes), outcomes.set_index("variant")
+    lines = [f"Reference (pml MS, class-balanced batches, true labels): P@1 {o.loc['ms', 'precision_at_1']:.3f} after "
+             f"{epochs} epochs (frozen backbone {o.loc['ms', 'frozen_precision_at_1']:.3f}); {data_name}, protocol {protocol}.\n"]
+    for verdict in (v for v in _VERDICT_ORDER if v in groups):
+        names = ", ".join(f"{n} ({o.loc[n, 'precision_at_1']:.3f})" if pd.notna(o.loc[n, "precision_at_1"]) else n
+                          for n in groups[verdict])
+        lines.append(f"- {verdict.upper()}: {names}")
+    lines.append("\nThe write-up's diagnosis:")
+    grad = report.set_index("variant")
+    if "writeup_wrong_loop" in grad.index:
+        wl = grad.loc["writeup_wrong_loop"]
+        wt = o.loc["accum:writeup_wrong_loop"] if "accum:writeup_wrong_loop" in o.index else None
+        same = wl["verdict"] == "same gradient as pml"
+        lines.append(f"- 'loss = loss + sample_loss severs the graph': {'does NOT hold' if same else 'holds'} here. On one "
+                     f"real batch its gradient is {wl['verdict']} (cosine {wl['cos_all']:.6f})"
+                     + (f"; trained, it reaches P@1 {wt['precision_at_1']:.3f} ({wt['verdict']})."
+                        if wt is not None and pd.notna(wt["precision_at_1"]) else "."))
+    cut = [n for n in o.index if n.startswith("accum:") and n.split(":", 1)[1] in GRAPH_CUTTING_VARIANTS]
+    if cut:
+        ref_change = o.loc["ms", "loss_change"]
+        changes = ", ".join(f"{n} {o.loc[n, 'verdict']}, loss {o.loc[n, 'loss_change']:+.1%}" for n in cut)
+        flat = all(abs(o.loc[n, "loss_change"]) < 0.25 * abs(ref_change) for n in cut)
+        lines.append(f"- The accumulations that really cut the graph: {changes} from the first to the last epoch "
+                     f"(reference {ref_change:+.1%}). Their loss {'stays flat' if flat else 'also moves'}"
+                     + (": 'stuck while the loss decreased' is not what a cut graph looks like." if flat else "."))
+    if "accum:inplace_leaf" in o.index:
+        lines.append("- In-place accumulation on a leaf that requires grad does not train silently: "
+                     f"{o.loc['accum:inplace_leaf', 'verdict']}.")
+    if scores is not None:
+        lines.append(f"- Labels read from the unlabelled test file: {scores['pseudo_classes']:,} pseudo-classes on the test "
+                     f"set; a correctly trained model scores {scores['accuracy_corrupted_labels']:.2%} against them "
+                     f"({scores['accuracy_true_labels']:.1%} against the true labels), a perfect one "
+                     f"{scores['oracle_corrupted']:.2%}. A near-zero test accuracy while the loss decreases is what these "
+                     "labels produce, whatever the loss code.")
+    if "corrupt_labels" in o.index and pd.notna(o.loc["corrupt_labels", "precision_at_1"]):
+        c = o.loc["corrupt_labels"]
+        lines.append(f"- Training on those labels: {c['verdict']} (P@1 {c['precision_at_1']:.3f}, frozen backbone "
+                     f"{c['frozen_precision_at_1']:.3f}) while its training loss went "
+                     f"{'down' if c['loss_change'] < 0 else 'up'} by {abs(c['loss_change']):.0%}.")
+    for name, what in (("shuffle", "Plain shuffled batches"), ("seed_hier_clamp", "The seed's hierarchical clamp"),
+                       ("hims_min", "HiMS-Min"), ("finetune_eval_augment", "Evaluating with the training augmentation")):
+        if name in o.index:
+            lines.append(f"- {what}: {o.loc[name, 'verdict']} ({o.loc[name, 'reason']}).")
+    if histories is not None and "finetune_eval_augment" in o.index and "finetune" in o.index:
+        h = histories
+        same_training = np.allclose(h.loc[h["variant"] == "finetune", "loss"].to_numpy(),
+                                    h.loc[h["variant"] == "finetune_eval_augment", "loss"].to_numpy())
+        lines.append(f"  (its training losses equal the plain fine-tune's epoch by epoch: {same_training}; only the "
+                     "measurement differs.)")
+    return lines
+
+
+def gradient_bug_entries(outcomes: pd.DataFrame, comparison: Comparison, report: pd.DataFrame, *, base: "TrainConfig",
+                         finetune_base: "TrainConfig | None", cars: CarsDataset, finetune_cars: CarsDataset | None,
+                         dataset: str, device: str, data_dir, scores: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """The results entries of notebook 02: one per variant of the grid (final metrics, verdict and reason, the
+    one-batch gradient numbers on the accumulation variants, ``n_queries`` and the reference-free 95% Wilson
+    interval of its P@1 as ``precision_at_1_ci``), then the corrupted-test-label scores of the reference model
+    (variant ``corrupted_test_labels``) when ``scores`` are given."""
+    grad = report.set_index("variant")
+    entries = []
+    for _, r in outcomes.iterrows():
+        v = comparison.variant(r["variant"])
+        run = comparison.runs.get(v.name)
+        cfg = run.config if run is not None else (finetune_base if v.kind == "finetune" else base)
+        metrics = {k: r[k] for k in ("precision_at_1", "map_at_r", "frozen_precision_at_1", "loss_first", "loss_last",
+                                     "train_seconds") if pd.notna(r[k])}
+        ci = None
+        if run is not None:
+            metrics.update({k: val for k, val in run.metrics["trained"].items() if k.startswith("accuracy_")})
+            metrics["images_per_second"] = run.metrics["images_per_second"]
+            metrics["n_queries"] = int(r["n_query"])
+            ci = list(_ci(float(r["precision_at_1"]), int(r["n_query"])))
+        acc = v.name.split(":", 1)[1] if v.name.startswith("accum:") else ("ms" if v.name == "ms" else None)
+        if acc in grad.index:
+            g = grad.loc[acc]
+            metrics.update({"grad_norm_backbone": g["grad_norm_backbone"], "grad_norm_head": g["grad_norm_head"],
+                            "grad_cosine_with_pml": g["cos_all"], "batch_loss": g["loss"]})
+        entries.append(results_entry(
+            dataset=dataset, protocol=cfg.protocol, backbone=cfg.backbone, image_size=cfg.image_size,
+            device=run.metrics["device"] if run is not None else str(device), metrics=metrics,
+            variant=v.name, group=v.group, description=v.description, verdict=r["verdict"], reason=r["reason"],
+            error=r["error"] if isinstance(r["error"], str) else None, precision_at_1_ci=ci,
+            gradient_verdict=grad.loc[acc, "verdict"] if acc in grad.index else None, mode=cfg.describe(),
+            epochs=cfg.epochs, batch_size=cfg.batch_size, sampler=cfg.sampler, loss=cfg.loss,
+            classes=int(len(np.unique((finetune_cars if v.kind == "finetune" else cars).labels))),
+            run_folder=str(comparison.folders[v.name]), data_dir=str(data_dir)))
+    ref_run = comparison.runs.get("ms")
+    if scores is not None and ref_run is not None:
+        entries.append(results_entry(dataset=dataset, protocol="official", backbone=base.backbone,
+                                     image_size=base.image_size, device=ref_run.metrics["device"], metrics=scores,
+                                     variant="corrupted_test_labels",
+                                     description="reference model's 1-NN predictions on the official test set scored "
+                                                 "against labels read from the unlabelled test file (bbox_y2)"))
+    return entries

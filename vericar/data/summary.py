@@ -150,3 +150,35 @@ def check_images(cars: CarsDataset, progress: bool = True) -> pd.DataFrame:
     without the hashes.
     """
     return scan_images(cars, progress=progress)[["filename", "mode", "width", "height", "error"]]
+
+
+def eda_metrics(cars: CarsDataset, train_imbalance: dict[str, float], scan: pd.DataFrame, pairs: pd.DataFrame,
+                agreement: dict[str, int] | None = None) -> dict[str, float]:
+    """The numbers of notebook 01's results file (``results/01_eda.json``'s ``metrics``).
+
+    ``train_imbalance``: :func:`imbalance` of the training images per class; ``scan``: :func:`scan_images`
+    (rows with a non-empty ``error`` count as unreadable); ``pairs``: :func:`describe_pairs`; ``agreement``:
+    :func:`compare_with_reference` when the folder ships a reference list (keys prefixed ``reference_``).
+    """
+    split = cars.table["split"]
+    return {
+        "images": len(cars), "train_images": int((split == "train").sum()), "test_images": int((split == "test").sum()),
+        "classes": cars.num_classes, "makes": int(cars.hierarchy["make"].nunique()),
+        "types": int(cars.hierarchy["type"].nunique()), "years": int(cars.hierarchy["year"].nunique()),
+        **{f"train_per_class_{k}": train_imbalance[k] for k in ("min", "median", "max", "gini")},
+        "unreadable_images": int((scan["error"] != "").sum()), "median_width": float(scan["width"].median()),
+        "median_height": float(scan["height"].median()), "near_duplicate_pairs": len(pairs),
+        "near_duplicates_cross_split": int(pairs["cross_split"].sum()),
+        "near_duplicates_cross_class": int(pairs["cross_class"].sum()),
+        **{f"reference_{k}": v for k, v in (agreement or {}).items()},
+    }
+
+
+def pair_panels(cars: CarsDataset, pairs: pd.DataFrame, n: int = 6) -> tuple[list, list[str]]:
+    """The ``n`` near-duplicate pairs to show (cross-class pairs first, then the closest), as ``(image_i,
+    image_j)`` tuples and one title per image (class name and file), for :func:`vericar.plots.pair_grid`."""
+    shown = pairs.sort_values(["cross_class", "distance"], ascending=[False, True]).head(n)
+    images = [(cars.image(int(r.i)), cars.image(int(r.j))) for r in shown.itertuples()]
+    titles = [f"{cars.class_names[getattr(r, 'class_id_' + s) - 1][:30]}\n{getattr(r, 'filename_' + s)}"
+              for r in shown.itertuples() for s in ("i", "j")]
+    return images, titles
