@@ -329,6 +329,9 @@ def test_nb05_verdicts_flip():
     result["accuracy_per_make"][0].update(ci_high=0.9)
     text = findings("05", result)
     assert text.startswith("**On SynthCars (synthetic data), the trained model")
+    assert "up from 33.6%" in text.splitlines()[0]
+    m["frozen_precision_at_1"] = 0.9
+    assert "down from 90.0% with the frozen backbone" in headline("05", result)
     assert "another year of the same model (60% of" in text.splitlines()[0]
     assert "accuracy rises with it" in text and "interval overlapping the overall" in text
     assert "Label noise: not checked" in text

@@ -71,7 +71,8 @@ def nb05(result: dict[str, Any]) -> str:
                   "same_family_other_body": "a body-style sibling", "same_model_other_year": "another year of the same model"}
     note = "On SynthCars (synthetic data), the" if result.get("dataset") == "synthetic" else "The"
     head = (f"**{note} trained model's nearest neighbour has the exact class for {pct(exact)} of the "
-            f"{result.get('protocol')} queries ({_acc_ci(m, 'year')}), up from {pct(m['frozen_precision_at_1'])} with "
+            f"{result.get('protocol')} queries ({_acc_ci(m, 'year')}), "
+            f"{'up' if exact >= m['frozen_precision_at_1'] else 'down'} from {pct(m['frozen_precision_at_1'])} with "
             f"the frozen backbone" + (f"; its most common error is {kind_words[top_kind]} "
                                      f"({pct(shares[top_kind], 0)} of {m['n_errors']} errors).**" if top_kind else ".**"))
     lines = [head, ""]
