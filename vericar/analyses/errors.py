@@ -489,3 +489,83 @@ def read_near_duplicates(data_dir) -> pd.DataFrame | None:
     path = Path(data_dir) / "near_duplicates.csv"
     return pd.read_csv(path) if path.is_file() else None
 
+
+# ----------------------------------------------------------------------------------------------------
+# Notebook 05, one function per step
+# ----------------------------------------------------------------------------------------------------
+
+
+def group_extremes(groups: dict[str, pd.DataFrame], by: Sequence[str] = ("make", "type", "year", "model")
+                   ) -> pd.DataFrame:
+    """The worst and the best group of each grouping of :func:`group_accuracy_tables` (its tables are sorted
+    worst first): one row per grouping x ``which`` ("worst" / "best") with ``group``, ``accuracy``, its Wilson
+    interval ``ci_low`` / ``ci_high``, ``n`` (queries) and ``groups`` (how many groups the grouping has)."""
+    rows = []
+    for name in by:
+        g = groups[name]
+        for which, i in (("worst", 0), ("best", len(g) - 1)):
+            r = g.iloc[i]
+            rows.append({"by": name, "which": which, "group": r["group"], "accuracy": float(r["accuracy"]),
+                         "ci_low": float(r["ci_low"]), "ci_high": float(r["ci_high"]), "n": int(r["n"]),
+                         "groups": len(g)})
+    return pd.DataFrame(rows)
+
+
+def size_effects(nn: pd.DataFrame, cars: CarsDataset, split: Split, bins: int = 5) -> dict:
+    """Do errors follow class size or image size? Returns ``class_sizes`` (:func:`class_size_table`),
+    ``class_bins`` (the queries pooled per quantile bin of their class's training images), ``widths`` /
+    ``width_label`` (:func:`image_widths` of the queries), ``image_bins`` (per quantile bin of width), and the
+    Spearman correlations ``rho_class`` / ``p_class`` (class size against class accuracy, over classes) and
+    ``rho_width`` / ``p_width`` (width against correct, over queries)."""
+    class_sizes = class_size_table(nn, cars, split)
+    query_class_size = class_sizes.set_index("class_index").loc[nn["true_class"], "n_train"].to_numpy()
+    widths, width_label = image_widths(cars, nn["query"])
+    rho_class, p_class = spearman(class_sizes["n_train"], class_sizes["accuracy"])
+    rho_width, p_width = spearman(widths, nn["correct"].astype(float))
+    return {"class_sizes": class_sizes, "class_bins": binned_accuracy(nn["correct"], query_class_size, bins),
+            "widths": widths, "width_label": width_label, "image_bins": binned_accuracy(nn["correct"], widths, bins),
+            "rho_class": rho_class, "p_class": p_class, "rho_width": rho_width, "p_width": p_width}
+
+
+def _kind_key(kind: str) -> str:
+    return kind.replace(", ", "_").replace(" ", "_")
+
+
+def error_metrics(nn: pd.DataFrame, nn_frozen: pd.DataFrame, levels: pd.DataFrame,
+                  structures: dict[str, pd.DataFrame], sizes: dict, near_dup: dict, claims: pd.DataFrame) -> dict:
+    """The flat ``metrics`` of ``results/05_error_analysis.json``: 1-NN accuracy (trained and frozen), per
+    level accuracy with its interval (``levels`` rows with ``stage`` "trained" / "frozen backbone"), the
+    error shares per kind (``structures``: :func:`confusion_structure` per stage), the Spearman correlations
+    of :func:`size_effects`, the near-duplicate counts and each claim's measured accuracy."""
+    metrics = {"precision_at_1": float(nn["correct"].mean()), "frozen_precision_at_1": float(nn_frozen["correct"].mean()),
+               "n_queries": len(nn), "n_errors": int((~nn["correct"].astype(bool)).sum())}
+    lv = levels[levels["stage"] == "trained"].set_index("level")
+    lvf = levels[levels["stage"] == "frozen backbone"].set_index("level")
+    for level in lv.index:
+        metrics[f"accuracy_{level}"] = lv.loc[level, "accuracy"]
+        metrics[f"accuracy_{level}_ci_low"] = lv.loc[level, "ci_low"]
+        metrics[f"accuracy_{level}_ci_high"] = lv.loc[level, "ci_high"]
+        metrics[f"frozen_accuracy_{level}"] = lvf.loc[level, "accuracy"]
+    for stage, key in (("trained", ""), ("frozen backbone", "frozen_")):
+        for r in structures[stage].itertuples():
+            metrics[f"{key}errors_share_{_kind_key(r.kind)}"] = r.share_of_errors
+    metrics.update({"spearman_class_size_accuracy": sizes["rho_class"], "spearman_class_size_p": sizes["p_class"],
+                    "spearman_width_correct": sizes["rho_width"], "spearman_width_p": sizes["p_width"]})
+    metrics.update({f"near_duplicates_{k}": v for k, v in near_dup.items()})
+    metrics.update({f"claim_{c.key}_accuracy": c.accuracy for c in claims.itertuples()})
+    return metrics
+
+
+def error_tables(levels: pd.DataFrame, groups: dict[str, pd.DataFrame], structures: dict[str, pd.DataFrame],
+                 pairs: pd.DataFrame, sizes: dict, claims: pd.DataFrame, top_pairs: int = 25) -> dict:
+    """The tables of ``results/05_error_analysis.json`` beside its metrics, as lists of records: ``levels``,
+    ``accuracy_per_{make,type,year,model}``, ``confusion_structure`` (per stage), ``confused_pairs`` (the
+    ``top_pairs`` first), ``class_size_bins``, ``image_size_bins``, ``image_size_measure``, ``claims``."""
+    def records(df):
+        return df.to_dict(orient="records")
+
+    return {"levels": records(levels), **{f"accuracy_per_{k}": records(groups[k]) for k in ("make", "type", "year", "model")},
+            "confusion_structure": {k: records(v) for k, v in structures.items()},
+            "confused_pairs": records(pairs.head(top_pairs)), "class_size_bins": records(sizes["class_bins"]),
+            "image_size_bins": records(sizes["image_bins"]), "image_size_measure": sizes["width_label"],
+            "claims": records(claims)}

@@ -63,8 +63,10 @@ from statsmodels.stats.multitest import multipletests
 
 from ..data.hierarchy import LEVELS, level_keys
 from ..data.splits import Split
+from ..evaluation import evaluate_embeddings
 from ..losses import HierarchicalMSLoss, level_label_matrix
-from ..metrics import level_correct
+from ..metrics import level_correct, wilson_interval
+from ..results import results_entry
 from ..retrieval import KNNIndex, hierarchical_predict
 
 __all__ = [
@@ -437,3 +439,178 @@ def effective_level_weights(embeddings, class_index, class_table: pd.DataFrame, 
         out.append({"constraint": c, "order": order, **dict(zip(LEVELS, s)), "binding": float(np.mean(binding[c])),
                     **{f"raw_{lv}": float(v) for lv, v in zip(LEVELS, raw_mean)}})
     return pd.DataFrame(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Notebook 07, one function per step over the whole grid of runs
+# ----------------------------------------------------------------------------------------------------
+# ``runs`` maps ``(loss, protocol)`` to a trained run (``embeddings``, ``split``, ``config``, ``metrics``);
+# ``names`` maps a loss to its display name (:data:`ABLATION_LOSSES`).
+
+HELDOUT_PANEL = "open-world, held-out models"
+
+_ENTRY_METRICS = ("precision_at_1", "recall_at_5", "map_at_r", *[f"accuracy_{lv}" for lv in LEVELS],
+                  "make_right_given_class_wrong", "type_right_given_class_wrong", "ood_accuracy_make_known",
+                  "ood_accuracy_type_known", "ood_make_known_fraction", "ood_type_known_fraction",
+                  "ood_accuracy_make", "ood_accuracy_type")
+
+
+def reference_settings(reference: str | Path, given: Mapping[str, object], fallback: Mapping[str, object]) -> dict:
+    """The settings passed to :func:`base_config`: ``given`` as is when the reference run exists (its
+    ``config.json`` fills what is None), else ``fallback`` for every None of ``given``."""
+    if (Path(reference) / "config.json").is_file():
+        return dict(given)
+    return {key: fallback[key] if value is None else value for key, value in given.items()}
+
+
+def evaluate_grid(runs: Mapping[tuple[str, str], object], cars, *, k: int = 1, names: Mapping[str, str] | None = None,
+                  device="cpu") -> dict:
+    """Every run's queries answered at every level (:func:`level_outcomes`), plus its retrieval metrics.
+
+    Returns ``outcomes`` (``{(loss, protocol, "query" | "ood"): table}``; "ood" for the held-out queries of an
+    ``open-world`` run), ``ood_outcomes`` (``{(loss, protocol): table}``), ``metrics`` (``{(loss, protocol):
+    dict}``: :func:`vericar.evaluation.evaluate_embeddings` and :func:`outcome_metrics`, ``ood_``-prefixed
+    for held-out queries), ``level_table`` (one row per run x level: accuracy with its Wilson interval, ``n``;
+    ``panel`` = protocol, ``loss`` = display name) and ``summary`` (P@1, MAP@R and accuracy per level).
+    """
+    names = names or ABLATION_LOSSES
+    outcomes, ood_outcomes, metrics, rows = {}, {}, {}, []
+    for (loss, protocol), run in runs.items():
+        o = level_outcomes(run.embeddings, cars.labels, run.split, cars.hierarchy, k=k, device=device)
+        outcomes[(loss, protocol, "query")] = o
+        retrieval = evaluate_embeddings(run.embeddings, cars, run.split, levels=False, device=device)
+        metrics[(loss, protocol)] = {**retrieval, **outcome_metrics(o)}
+        if protocol == "open-world" and len(run.split.ood_query):
+            ood = level_outcomes(run.embeddings, cars.labels, run.split, cars.hierarchy, queries="ood_query", k=k,
+                                 device=device)
+            ood_outcomes[(loss, protocol)] = outcomes[(loss, protocol, "ood")] = ood
+            metrics[(loss, protocol)].update(outcome_metrics(ood, prefix="ood_"))
+        for level in LEVELS:
+            c = o[f"correct_{level}"].to_numpy(bool)
+            lo, hi = wilson_interval(int(c.sum()), len(c))
+            rows.append({"panel": protocol, "loss": names.get(loss, loss), "level": level, "accuracy": c.mean(),
+                         "ci_low": lo, "ci_high": hi, "n": len(c)})
+    summary = pd.DataFrame([{"loss": names.get(lo_, lo_), "protocol": p, "precision_at_1": v["precision_at_1"],
+                             "map_at_r": v["map_at_r"], **{f"acc_{lv}": v[f"accuracy_{lv}"] for lv in LEVELS}}
+                            for (lo_, p), v in metrics.items()])
+    return {"outcomes": outcomes, "ood_outcomes": ood_outcomes, "metrics": metrics,
+            "level_table": pd.DataFrame(rows), "summary": summary}
+
+
+def heldout_eligibility(ood_table: pd.DataFrame) -> dict:
+    """From :func:`heldout_level_table`: ``n_ood`` (held-out queries), ``make`` / ``type`` (how many have their
+    true make / make + type in the known database) and ``panel`` (a figure panel title naming both)."""
+    n_ood = int(ood_table["ood_queries"].iloc[0])
+    elig = ood_table.drop_duplicates("level").set_index("level")["eligible"]
+    make, typ = int(elig.get("make", 0)), int(elig.get("type", 0))
+    return {"n_ood": n_ood, "make": make, "type": typ,
+            "panel": f"{HELDOUT_PANEL}\n(make known: {make}, make+type known: {typ} of {n_ood})"}
+
+
+def error_depth_table(outcomes: Mapping[tuple, pd.DataFrame], names: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """:func:`error_depth` of every ``(loss, protocol, query_set)`` of :func:`evaluate_grid`'s ``outcomes``: one
+    row per run and query set with ``panel`` (the protocol, or :data:`HELDOUT_PANEL` for held-out queries),
+    ``loss`` (display name), ``n`` (class-wrong queries) and the share of each :data:`DEPTH_LABELS` label."""
+    names = names or ABLATION_LOSSES
+    rows = []
+    for (loss, protocol, qset), o in outcomes.items():
+        d = error_depth(o)
+        rows.append({"panel": protocol if qset == "query" else HELDOUT_PANEL, "loss": names.get(loss, loss),
+                     "n": d.attrs["n"], **d.to_dict()})
+    return pd.DataFrame(rows)
+
+
+def ms_comparison(outcomes: Mapping[tuple, pd.DataFrame], ood_outcomes: Mapping[tuple, pd.DataFrame],
+                  names: Mapping[str, str] | None = None, *, baseline: str = "ms", alpha: float = 0.05,
+                  levels: Sequence[str] = LEVELS) -> pd.DataFrame:
+    """Every variant against ``baseline`` on the same queries (:func:`compare_variants`): every level of each
+    protocol's queries, and make / type of the held-out models' queries whose make (make + type) is known;
+    one Holm adjustment over all of them (``p_holm``), ``verdict`` ("better" / "worse" / "no significant
+    difference" at ``alpha``), ``significant``, ``panel`` and ``loss`` (display name)."""
+    names = names or ABLATION_LOSSES
+    if not any(key[0] == baseline for key in outcomes):
+        raise ValueError(f"the paired comparison needs {baseline!r} among the losses (the baseline)")
+    per_set = {key: o for key, o in outcomes.items() if key[2] == "query"}
+    held_out = {(loss, protocol, "held-out"): o for (loss, protocol), o in ood_outcomes.items()}
+    comp = pd.concat([compare_variants(per_set, baseline, levels=levels)]
+                     + ([compare_variants(held_out, baseline, levels=["make", "type"], restrict_to_known=True)]
+                        if held_out else []), ignore_index=True)
+    comp["p_holm"] = holm(comp["p_value"].to_numpy())
+    comp["verdict"] = np.where(comp["p_holm"] < alpha, np.where(comp["diff"] > 0, "better", "worse"),
+                               "no significant difference")
+    comp["panel"] = np.where(comp["group_1"] == "query", comp["group_0"], f"{HELDOUT_PANEL} (eligible)")
+    comp["loss"] = comp["variant"].map(lambda v: names.get(v, v))
+    comp["significant"] = comp["p_holm"] < alpha
+    return comp
+
+
+def loss_shares(runs: Mapping[tuple[str, str], object], cars, names: Mapping[str, str] | None = None, *,
+                n_batches: int = 20, seed: int = 0) -> pd.DataFrame:
+    """For each HiMS run: the share of its loss (and ``binding``, the share of level terms replaced by a
+    neighbour's) supplied by each level's own MS loss, on its trained embeddings of its training images
+    (:func:`effective_level_weights` with the run's constraint, order, weights and batch composition). One row
+    per HiMS run with ``label``, ``loss``, ``protocol``, the four level shares and ``raw_<level>``."""
+    names = names or ABLATION_LOSSES
+    rows = []
+    for (loss, protocol), run in runs.items():
+        if not loss.startswith("hims_"):
+            continue
+        cfg, tr = run.config, run.split.train
+        w = effective_level_weights(run.embeddings[tr], cars.labels[tr], cars.hierarchy,
+                                    constraints=[loss.split("_", 1)[1]],
+                                    order=cfg.loss_kwargs.get("order", "fine_to_coarse"),
+                                    level_weights=cfg.loss_kwargs.get("level_weights", (1, 1, 1, 1)),
+                                    batch_size=cfg.batch_size, m_per_class=cfg.m_per_class, n_batches=n_batches,
+                                    seed=seed)
+        rows.append({"label": f"{names.get(loss, loss)} | {protocol}", "loss": loss, "protocol": protocol,
+                     **w.iloc[0][list(LEVELS) + ["binding"] + [f"raw_{lv}" for lv in LEVELS]].to_dict()})
+    return pd.DataFrame(rows)
+
+
+def ablation_verdict(comp: pd.DataFrame, names: Mapping[str, str] | None = None) -> tuple[list[str], bool]:
+    """One line per variant of :func:`ms_comparison`: at how many (protocol, level) comparisons it is
+    significantly better / worse than the baseline (listed), and its largest difference either way; and
+    whether any variant is significantly better anywhere (``helps_anywhere``)."""
+    names = names or ABLATION_LOSSES
+    lines, helps = [], False
+    for loss, c in comp.groupby("variant", sort=False):
+        better, worse = c[c["verdict"] == "better"], c[c["verdict"] == "worse"]
+        helps |= len(better) > 0
+        best, worst = c.loc[c["diff"].idxmax()], c.loc[c["diff"].idxmin()]
+        listed = "".join(f" ({kind}: {', '.join(f'{r.panel}/{r.level} {r.diff:+.1%}' for r in t.itertuples())})"
+                         for kind, t in (("better", better), ("worse", worse)) if len(t))
+        lines.append(
+            f"{names.get(loss, loss)} vs MS: significantly better at {len(better)} and worse at {len(worse)} of "
+            f"{len(c)} (protocol, level) comparisons{listed}"
+            + (f"; largest difference for it {best['diff']:+.1%} ({best['panel']}/{best['level']}, Holm p "
+               f"{best['p_holm']:.2g})" if best["diff"] > 0 else "; never above MS")
+            + (f", largest against it {worst['diff']:+.1%} ({worst['panel']}/{worst['level']}, Holm p "
+               f"{worst['p_holm']:.2g})." if worst["diff"] < 0 else ", never below MS."))
+    return lines, bool(helps)
+
+
+def ablation_entries(runs: Mapping[tuple[str, str], object], grid: dict, comp: pd.DataFrame, *, dataset: str,
+                     mode: str, k: int, names: Mapping[str, str] | None = None) -> list[dict]:
+    """``results/07_hierarchy_ablation.json``'s entries: one per loss and protocol with P@1, MAP@R, accuracy
+    per level, make / type right when the class is wrong, the held-out models' make / type accuracy (for
+    ``open-world``), training time, the error depths and the comparison with MS (``vs_ms``). ``grid`` is
+    :func:`evaluate_grid`'s output."""
+    names = names or ABLATION_LOSSES
+    entries = []
+    for (loss, protocol), run in runs.items():
+        m, c = grid["metrics"][(loss, protocol)], run.config
+        sets = ["query"] + (["ood"] if (loss, protocol) in grid["ood_outcomes"] else [])
+        vs = comp[(comp["variant"] == loss) & (comp["group_0"] == protocol)]
+        entries.append(results_entry(
+            dataset=dataset, protocol=protocol, backbone=c.backbone, image_size=c.image_size,
+            device=run.metrics["device"], metrics={**{key: m[key] for key in _ENTRY_METRICS if key in m},
+                                                   "train_seconds": run.metrics["train_seconds"],
+                                                   "images_per_second": run.metrics["images_per_second"]},
+            loss=loss, loss_name=names.get(loss, loss), loss_kwargs=c.loss_kwargs, mode=mode, epochs=c.epochs,
+            batch_size=c.batch_size, m_per_class=c.m_per_class, seed=c.seed, k=k, n_queries=m["n_queries"],
+            n_ood_queries=m.get("ood_n_queries"),
+            error_depth={s: error_depth(grid["outcomes"][(loss, protocol, s)]).to_dict() for s in sets},
+            vs_ms=vs[["panel", "level", "n", "diff", "ci_low", "ci_high", "p_value", "p_holm", "verdict"]]
+            .to_dict("records"), run_folder=str(getattr(run, "path", ""))))
+    return entries
+

@@ -31,9 +31,11 @@ from scipy.stats import bootstrap
 
 from ..data.splits import Split
 from ..ood import knn_scores, ood_metrics
+from ..results import results_entry
 from ..retrieval import KNNIndex
 
-__all__ = ["GROUPS", "SCORES", "class_logits", "evaluate", "group_rows", "oscr", "scores", "ssb_evaluation"]
+__all__ = ["GROUPS", "SCORES", "class_logits", "evaluate", "group_rows", "oscr", "scores", "ssb_evaluation",
+           "ssb_results_entries"]
 
 SCORES = {
     "knn_plus": "KNN+ (embedding)",
@@ -157,8 +159,6 @@ def evaluate(score: dict[str, np.ndarray], correct: dict[str, np.ndarray], split
     return pd.DataFrame(rows)
 
 
-
-
 def ssb_evaluation(cars, run, ssb: pd.DataFrame, *, ks, pseudo_ood_fraction: float = 0.2, seed: int = 0,
                    n_boot: int = 200, device: str = "cpu") -> dict:
     """Every score of :data:`SCORES` that ``run`` supports, evaluated on its ``ssb`` split.
@@ -187,3 +187,18 @@ def ssb_evaluation(cars, run, ssb: pd.DataFrame, *, ks, pseudo_ood_fraction: flo
     groups = group_rows(cars, run.split, ssb)
     return {"table": evaluate(s, correct, run.split, groups, n_boot=n_boot, seed=seed), "scores": s,
             "correct": correct, "groups": groups, "k": k, "k_pooled": k_pooled, "has_logits": logits is not None}
+
+
+def ssb_results_entries(common: dict, run, ssb_eval: dict) -> list[dict]:
+    """``results/06_ood.json``'s SSB entries (``experiment`` "ssb-open-set"), one per score x unknown group
+    of :func:`ssb_evaluation`'s table: AUROC with its bootstrap interval, FPR95, AUPR in/out, OSCR, closed-set
+    accuracy. ``common`` holds dataset, backbone and image_size; ``run`` is the SSB run (device, train time)."""
+    ks = {"knn_plus": ssb_eval["k"], "knn_plus_pooled": ssb_eval["k_pooled"]}
+    return [results_entry(
+        **common, protocol="ssb", device=run.metrics["device"], experiment="ssb-open-set", method=row.score,
+        method_name=row.name, unknown=row.unknown, k=ks.get(row.score),
+        metrics={"auroc": row.auroc, "fpr95": row.fpr95, "aupr_in": row.aupr_in, "aupr_out": row.aupr_out,
+                 "oscr": row.oscr, "closed_set_accuracy": row.closed_set_accuracy},
+        auroc_ci95=[row.auroc_lo, row.auroc_hi], n_known=row.n_known, n_unknown=row.n_unknown,
+        train_seconds=run.metrics.get("train_seconds"), run_folder=str(getattr(run, "path", "")))
+        for row in ssb_eval["table"].itertuples()]

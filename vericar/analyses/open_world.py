@@ -56,11 +56,21 @@ from sklearn.preprocessing import StandardScaler
 
 from ..metrics import wilson_interval
 from ..ood import knn_distances, knn_scores, max_softmax_scores, ood_metrics, sweep_k, threshold_at_tpr
+from ..results import results_entry
 from ..retrieval import KNNIndex
 
 __all__ = [
     "METHODS",
+    "add_classes_all",
     "add_classes_experiment",
+    "add_classes_summary",
+    "against_bars",
+    "compare_methods",
+    "holdout_summary",
+    "k_selection",
+    "most_familiar_unknowns",
+    "ood_results_entries",
+    "relation_acceptance",
     "choose_k",
     "evaluate_methods",
     "method_scores",
@@ -299,3 +309,160 @@ def add_classes_experiment(embeddings, labels, split, *, shots: Sequence[int | N
                          "new_accepted": float(np.mean(new_scores >= threshold)) if len(o) else float("nan"),
                          "known_accepted": float(np.mean(known_scores >= threshold))})
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Notebook 06, one function per step: every holdout's run at once
+# ----------------------------------------------------------------------------------------------------
+# ``runs`` maps a holdout ("year", "model", "make") to a trained run: anything with ``embeddings``, ``frozen``
+# (one row per image), ``split`` (open-world) and ``metrics`` (``{"trained": {...}, "frozen": {...}}``).
+
+
+def holdout_summary(runs: dict, hierarchy: pd.DataFrame, examples: int = 4) -> pd.DataFrame:
+    """One row per holdout: the split's sizes, known-class P@1 of the trained and the frozen features, and
+    ``examples`` names of held-out classes (``hierarchy``: ``class_id`` and ``class_name`` columns)."""
+    names = hierarchy.set_index("class_id")["class_name"]
+    rows = {}
+    for h, r in runs.items():
+        row = r.split.summary().drop("protocol").to_dict()
+        row["known P@1 (trained)"] = r.metrics["trained"]["precision_at_1"]
+        row["known P@1 (frozen)"] = r.metrics["frozen"]["precision_at_1"]
+        row["held out, e.g."] = "; ".join(names.loc[np.asarray(r.split.heldout_class_ids)[:examples]])
+        rows[h] = row
+    return pd.DataFrame(rows).T
+
+
+def k_selection(runs: dict, labels, ks: Sequence[int], *, pseudo_ood_fraction: float = 0.2, seed: int = 0,
+                device="cpu") -> tuple[pd.DataFrame, dict[str, int], dict[str, int]]:
+    """KNN+ k chosen on a validation split of the known classes, per holdout, for the trained embeddings and
+    the frozen features (:func:`validation_sweep`, :func:`choose_k`); the test sweep is computed beside it
+    but chooses nothing.
+
+    Returns ``(sweeps, chosen, chosen_frozen)``: ``sweeps`` has one row per holdout x features x
+    ``on`` ("validation" / "test") x k (columns of :func:`vericar.ood.sweep_k` plus ``holdout``, ``on``,
+    ``features``); ``chosen`` / ``chosen_frozen`` map a holdout to its k.
+    """
+    sweeps, chosen, chosen_frozen = [], {}, {}
+    for h, r in runs.items():
+        s = r.split
+        test_ks = [k for k in ks if k <= len(s.database)]
+        for feats, name, store in ((r.embeddings, "trained", chosen), (r.frozen, "frozen", chosen_frozen)):
+            feats = np.asarray(feats)
+            val = validation_sweep(feats, labels, s.database, ks, pseudo_ood_fraction=pseudo_ood_fraction,
+                                   seed=seed, device=device)
+            store[h] = choose_k(val)
+            test = sweep_k(feats[s.query], feats[s.ood_query], feats[s.database], test_ks, device=device)
+            sweeps += [val.assign(holdout=h, on="validation", features=name),
+                       test.assign(holdout=h, on="test", features=name)]
+    return pd.concat(sweeps, ignore_index=True), chosen, chosen_frozen
+
+
+def compare_methods(runs: dict, labels, chosen: dict[str, int], chosen_frozen: dict[str, int], *, seed: int = 0,
+                    device="cpu") -> tuple[pd.DataFrame, dict[str, dict]]:
+    """Every method of :data:`METHODS` on every holdout: ``(table, scores)``, ``table`` being
+    :func:`evaluate_methods`' rows with a ``holdout`` column and ``scores[holdout]`` :func:`method_scores`."""
+    tables, all_scores = [], {}
+    for h, r in runs.items():
+        all_scores[h] = method_scores(r.embeddings, r.frozen, labels, r.split, k=chosen[h],
+                                      k_frozen=chosen_frozen[h], seed=seed, device=device)
+        tables.append(evaluate_methods(all_scores[h]).assign(holdout=h))
+    return pd.concat(tables, ignore_index=True), all_scores
+
+
+def against_bars(table: pd.DataFrame, sweeps: pd.DataFrame, holdout: str, seed_claim: dict, target: dict
+                 ) -> tuple[pd.DataFrame, dict]:
+    """KNN+ on ``holdout`` against the seed's claim and the target (both ``{"fpr95", "auroc"}``).
+
+    Returns ``(bars, verdict)``: ``bars`` one row each for the claim, the target, KNN+ with k chosen on
+    validation, the hindsight best k of the test sweep (bounds what tuning k could add; not a result) and
+    KNN+ on the frozen backbone; ``verdict`` has ``beats_claim`` / ``meets_target`` (both FPR95 and AUROC
+    at least as good), ``k``, ``fpr95``, ``auroc``, ``hindsight_k``, ``hindsight_fpr95`` and
+    ``validation_fpr95`` (the chosen k on the validation split, whose pseudo-unknowns were seen in training).
+    """
+    t = table.set_index(["holdout", "method"])
+    best, frozen = t.loc[(holdout, "knn_plus")], t.loc[(holdout, "knn_plus_frozen")]
+    trained = sweeps[(sweeps["holdout"] == holdout) & (sweeps["features"] == "trained")]
+    test = trained[trained["on"] == "test"]
+    oracle = test.loc[test["fpr95"].idxmin()]
+    val = trained[(trained["on"] == "validation") & (trained["k"] == best["k"])]["fpr95"]
+    rows = [("seed's claim", seed_claim["fpr95"], seed_claim["auroc"], 1), ("target", target["fpr95"], target["auroc"], None),
+            (f"KNN+ trained, k on validation ({holdout})", best["fpr95"], best["auroc"], best["k"]),
+            (f"KNN+ trained, hindsight best k on test ({holdout})", oracle["fpr95"], oracle["auroc"], oracle["k"]),
+            (f"KNN+ frozen backbone ({holdout})", frozen["fpr95"], frozen["auroc"], frozen["k"])]
+    bars = pd.DataFrame(rows, columns=["", "fpr95", "auroc", "k"]).set_index("")
+    verdict = {"beats_claim": bool(best["fpr95"] <= seed_claim["fpr95"] and best["auroc"] >= seed_claim["auroc"]),
+               "meets_target": bool(best["fpr95"] <= target["fpr95"] and best["auroc"] >= target["auroc"]),
+               "k": int(best["k"]), "fpr95": float(best["fpr95"]), "auroc": float(best["auroc"]),
+               "hindsight_k": int(oracle["k"]), "hindsight_fpr95": float(oracle["fpr95"]),
+               "validation_fpr95": float(val.iloc[0]) if len(val) else float("nan")}
+    return bars, verdict
+
+
+def relation_acceptance(runs: dict, table: pd.DataFrame, scores: dict[str, dict], hierarchy: pd.DataFrame,
+                        labels) -> pd.DataFrame:
+    """How many unknown queries KNN+ accepts as known, by how their nearest known image relates to them
+    (:func:`nearest_relation`): one row per holdout x relation with ``queries`` and ``accepted_share``."""
+    t = table.set_index(["holdout", "method"])
+    parts = []
+    for h, r in runs.items():
+        rel = nearest_relation(r.embeddings, r.split, hierarchy, labels)
+        accepted = np.asarray(scores[h]["knn_plus"]["ood"]) >= t.loc[(h, "knn_plus"), "threshold"]
+        parts.append(pd.DataFrame({"holdout": h, "nearest known image": rel.to_numpy(), "accepted": accepted}))
+    return (pd.concat(parts).groupby(["holdout", "nearest known image"], sort=False)["accepted"]
+            .agg(queries="size", accepted_share="mean"))
+
+
+def most_familiar_unknowns(embeddings, split, ood_scores, n: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``n`` unknown queries with the highest KNN+ score (``ood_scores``, aligned with
+    ``split.ood_query``): ``(query_rows, nearest_known_rows, scores)``, most familiar first."""
+    emb, ood_scores = np.asarray(embeddings), np.asarray(ood_scores)
+    worst = np.argsort(-ood_scores, kind="stable")[:n]
+    q_rows = np.asarray(split.ood_query)[worst]
+    nn = KNNIndex(emb[split.database], np.asarray(split.database)).search(emb[q_rows], 1)[1][:, 0]
+    return q_rows, np.asarray(split.database)[nn], ood_scores[worst]
+
+
+def add_classes_all(runs: dict, labels, chosen: dict[str, int], *, shots: Sequence[int | None] = (1, 5, None),
+                    seeds: Sequence[int] = (0, 1, 2), device="cpu") -> pd.DataFrame:
+    """:func:`add_classes_experiment` on every holdout (with its chosen KNN+ k), one ``holdout`` column."""
+    return pd.concat([add_classes_experiment(r.embeddings, labels, r.split, shots=shots, seeds=seeds, k=chosen[h],
+                                             device=device).assign(holdout=h) for h, r in runs.items()],
+                     ignore_index=True)
+
+
+def add_classes_summary(add: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation (over the sampling seeds) of :func:`add_classes_all`'s measures per
+    holdout x shot count."""
+    cols = ["n_added", "known_p1_before", "known_p1_after", "new_p1", "new_accepted_before", "new_accepted",
+            "known_accepted"]
+    return (add.assign(shots=add["shots"].astype(str)).groupby(["holdout", "shots"], sort=False)[cols]
+            .agg(["mean", "std"]))
+
+
+def ood_results_entries(common: dict, runs: dict, table: pd.DataFrame, add: pd.DataFrame,
+                        chosen: dict[str, int]) -> list[dict]:
+    """``results/06_ood.json``'s open-world entries: one per holdout x method (``experiment``
+    "ood-detection": FPR95 with its Wilson interval, AUROC, AUPR, k and how it was chosen), then one per
+    holdout x shot count (``experiment`` "add-without-retraining": means over the seeds). ``common`` holds
+    the labels every entry shares (dataset, protocol, backbone, image_size)."""
+    k_on = {"knn_plus": "validation split of known classes", "knn_plus_frozen": "validation split of known classes",
+            "nn1_raw": "fixed"}
+    entries = []
+    for row in table.itertuples():
+        r = runs[row.holdout]
+        entries.append(results_entry(
+            **common, device=r.metrics["device"], experiment="ood-detection", holdout=row.holdout, method=row.method,
+            method_name=row.name, k=None if pd.isna(row.k) else int(row.k), k_chosen_on=k_on.get(row.method),
+            metrics={"fpr95": row.fpr95, "auroc": row.auroc, "aupr": row.aupr, "aupr_out": row.aupr_out},
+            fpr95_ci95=[row.fpr95_lo, row.fpr95_hi], n_id=row.n_id, n_ood=row.n_ood,
+            heldout_classes=len(r.split.heldout_class_ids), run_folder=str(getattr(r, "path", ""))))
+    for (h, s), d in add.assign(shots=add["shots"].astype(str)).groupby(["holdout", "shots"], sort=False):
+        entries.append(results_entry(
+            **common, device=runs[h].metrics["device"], holdout=h, experiment="add-without-retraining",
+            shots=s, seeds=[None if pd.isna(x) else int(x) for x in d["seed"]], k=chosen[h],
+            metrics={"known_precision_at_1_before": d["known_p1_before"].mean(),
+                     "known_precision_at_1_after": d["known_p1_after"].mean(), "new_precision_at_1": d["new_p1"].mean(),
+                     "new_accepted_before": d["new_accepted_before"].mean(), "new_accepted": d["new_accepted"].mean(),
+                     "known_accepted": d["known_accepted"].mean()},
+            new_precision_at_1_std=d["new_p1"].std(ddof=0), n_added_mean=d["n_added"].mean()))
+    return entries

@@ -7,8 +7,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from .eda import pair_grid
+
 __all__ = ["group_accuracy_figure", "level_accuracy_figure", "confusion_structure_figure", "size_effect_figure",
-           "claims_figure"]
+           "claims_figure", "confused_pairs_figure", "near_duplicate_errors_figure"]
 
 _KIND_COLOURS = {"correct": "#55A868", "same model, other year": "#8172B3", "same family, other body": "#64B5CD",
                  "same make, other model": "#DD8452", "other make": "#C44E52"}
@@ -166,3 +168,32 @@ def _wrap(text: str, width: int) -> str:
     import textwrap
 
     return "\n".join(textwrap.wrap(str(text), width))
+
+
+def confused_pairs_figure(cars, examples: pd.DataFrame, *, size: float = 2.6, title: str = ""):
+    """One row per confused pair (:func:`vericar.analyses.errors.pair_examples`): the query, its wrong nearest
+    neighbour and the nearest database image of its own class, titled with class names and distances."""
+    names = cars.class_names
+    images, titles = [], []
+    for e in examples.itertuples():
+        images.append(tuple(cars.image(int(i)) if i >= 0 else cars.image(int(e.query))
+                            for i in (e.query, e.neighbour, e.true_example)))
+        titles += [f"query:\n{names[e.true_class][:36]}",
+                   f"wrong 1-NN, distance {e.distance:.2f}:\n{names[e.pred_class][:36]}",
+                   f"nearest of its own class, distance {e.true_distance:.2f}" if e.true_example >= 0
+                   else "no other image of its class"]
+    fig = pair_grid(images, titles, size=size, title=title or "most confused pairs: query, wrong neighbour, own class")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    return fig
+
+
+def near_duplicate_errors_figure(cars, explained: pd.DataFrame, n: int = 4, *, size: float = 2.8, title: str = ""):
+    """The first ``n`` errors that are label noise (:func:`vericar.analyses.errors.near_duplicate_errors`'
+    table): each query beside its nearest neighbour, the same photo filed under another class."""
+    shown = explained.head(n)
+    fig = pair_grid([(cars.image(int(r.query)), cars.image(int(r.neighbour))) for r in shown.itertuples()],
+                    [t for r in shown.itertuples() for t in (f"query:\n{r.true_class_name[:40]}",
+                                                             f"1-NN, distance {r.distance:.2f}:\n{r.pred_class_name[:40]}")],
+                    size=size, title=title or "errors that are label noise: the same photo under two classes")
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return fig

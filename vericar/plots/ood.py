@@ -11,8 +11,11 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from ..ood import roc_curve_points
+
 __all__ = ["k_sweep_figure", "roc_figure", "score_histogram_figure", "method_comparison_figure",
-           "add_classes_figure", "neighbour_pairs_figure"]
+           "add_classes_figure", "neighbour_pairs_figure", "familiar_unknowns_figure", "ssb_roc_figure",
+           "ssb_histogram_figure", "best_ssb_score"]
 
 _ID_COLOUR, _OOD_COLOUR = "#4C72B0", "#DD8452"
 
@@ -203,3 +206,42 @@ def neighbour_pairs_figure(queries, neighbours, query_titles, neighbour_titles, 
 def _legend_below(fig, ax, ncol: int = 2) -> None:
     handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=ncol, fontsize=9, frameon=False)
+
+
+def familiar_unknowns_figure(cars, query_rows, neighbour_rows, scores, title: str = ""):
+    """Unknown query images (``query_rows`` of ``cars``) beside their nearest known image (``neighbour_rows``),
+    titled with class names and KNN+ scores (from
+    :func:`vericar.analyses.open_world.most_familiar_unknowns`)."""
+    labels, names = cars.labels, cars.class_names
+    return neighbour_pairs_figure(
+        [cars.image(int(i)) for i in query_rows], [cars.image(int(i)) for i in neighbour_rows],
+        [f"unknown: {names[labels[i]]} (score {sc:.3f})" for i, sc in zip(query_rows, scores)],
+        [f"nearest known: {names[labels[i]]}" for i in neighbour_rows], title=title)
+
+
+_SSB_MAIN = ("easy", "hard (medium+hard)")
+
+
+def ssb_roc_figure(ssb_eval: Mapping, known_rows, names: Mapping[str, str] | None = None, title: str = ""):
+    """ROC curves of every SSB score (known test cars positive), one panel for Easy and one for Hard
+    (Medium + Hard); ``ssb_eval`` from :func:`vericar.analyses.open_set.ssb_evaluation`, ``known_rows`` the
+    split's known queries."""
+    curves = {g: {m: roc_curve_points(s[known_rows], s[ssb_eval["groups"][g]]) for m, s in ssb_eval["scores"].items()}
+              for g in _SSB_MAIN}
+    aurocs = {(r.unknown, r.score): r.auroc for r in ssb_eval["table"].itertuples()}
+    return roc_figure(curves, aurocs, names=names, title=title or "SSB: ROC curves, known cars positive")
+
+
+def best_ssb_score(ssb_eval: Mapping, group: str = "easy") -> str:
+    """The SSB score with the highest AUROC on ``group``."""
+    t = ssb_eval["table"]
+    return str(t[t["unknown"] == group].sort_values("auroc", kind="stable").iloc[-1]["score"])
+
+
+def ssb_histogram_figure(ssb_eval: Mapping, known_rows, names: Mapping[str, str] | None = None, title: str = ""):
+    """Histograms of the best score on Easy (:func:`best_ssb_score`) for known test cars against Easy and Hard
+    unknowns, with the threshold that keeps 95% of the known cars."""
+    best = best_ssb_score(ssb_eval)
+    s = ssb_eval["scores"][best]
+    hist = {g: (s[known_rows], s[ssb_eval["groups"][g]], np.quantile(s[known_rows], 0.05)) for g in _SSB_MAIN}
+    return score_histogram_figure(hist, xlabel=(names or {}).get(best, best), title=title or "SSB: Easy against Hard")
