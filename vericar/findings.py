@@ -414,7 +414,8 @@ def nb07(result: dict[str, Any]) -> str:
     Holm-adjusted verdict; the held-out models' make."""
     entries = result["entries"]
     alpha = result.get("alpha", 0.05)
-    comps = [dict(c, loss_name=e.get("loss_name", e["loss"])) for e in entries for c in e.get("vs_ms", [])]
+    comps = [dict(c, loss_name=e.get("loss_name", e["loss"])) for e in entries for c in e.get("vs_ms", [])
+             if c.get("diff") is not None]  # a paired difference is null where a level had no query (tiny runs)
     better = [c for c in comps if c["verdict"] == "better"]
     worse = [c for c in comps if c["verdict"] == "worse"]
     note = "On SynthCars (synthetic data), " if entries and entries[0].get("dataset") == "synthetic" else ""
