@@ -151,13 +151,14 @@ def nb02(result: dict[str, Any]) -> str:
 
 
 # --- 03 · training ----------------------------------------------------------------------------------------------
-def _wilson_01_04(p: float | None, n: int | None, z: float = 1.96) -> tuple[float, float] | None:
-    """95% Wilson interval of a rate ``p`` measured on ``n`` queries (None when either is missing)."""
+def _wilson_01_04(p: float | None, n: int | None) -> tuple[float, float] | None:
+    """95% Wilson interval of a rate ``p`` measured on ``n`` queries (None when either is missing); the rate is
+    a share of queries, so ``p * n`` successes (vericar.metrics.wilson_interval, statsmodels)."""
     if p is None or not n:
         return None
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
-    return max(0.0, centre - half), min(1.0, centre + half)
+    from .metrics import wilson_interval
+
+    return wilson_interval(int(round(p * n)), int(n))
 
 
 def _with_ci_01_04(p: float | None, n: int | None) -> str:
