@@ -19,7 +19,8 @@ class TrainConfig:
     """Everything that defines a training run (saved as ``config.json``; a resumed run must match it).
 
     The defaults are the reference recipe, chosen on protocol ``val`` (results/recipe_search.md): the last 2
-    EfficientNet-Lite0 stages + head on the cached trunk at 160 px, Proxy-Anchor loss, flip TTA, 10 epochs.
+    EfficientNet-Lite0 stages + head on the cached trunk at 160 px, Proxy-Anchor loss, flip TTA, 20 epochs
+    (val P@1 0.794 against 0.715 at 10 epochs; the curve flattens between 15 and 20).
     """
 
     protocol: str = "official"
@@ -31,7 +32,7 @@ class TrainConfig:
     dropout: float = 0.1
     train_backbone: bool = False  # True: fine-tune everything on images (the GPU path)
     trainable_stages: int = 2  # with train_backbone=False: last backbone stages trained on cached trunk outputs
-    epochs: int = 10
+    epochs: int = 20
     batch_size: int = 128
     m_per_class: int = 4
     sampler: str = "m_per_class"
