@@ -27,10 +27,11 @@ report: $(VENV)/.installed
 	$(PY) -m vericar.report --html runs/report --notebooks notebooks
 
 # A real Stanford Cars identifier in the browser: train (or reuse) the official-protocol model with the full
-# profile's recipe (notebook 03's run folder), then serve it at http://127.0.0.1:8000/ (vericar.app).
+# profile's recipe cut to IDENTIFIER_EPOCHS epochs (runs/full/models/official-e10; IDENTIFIER_EPOCHS=20 is the
+# recipe itself, notebook 03's run folder), then serve it at http://127.0.0.1:8000/ (vericar.app).
+IDENTIFIER_EPOCHS ?= 10
 identifier: $(VENV)/.installed
-	$(PY) -m vericar.identify --profile full
-	$(PY) -m vericar.app --run runs/full/models/official
+	run=$$($(PY) -m vericar.identify --profile full --epochs $(IDENTIFIER_EPOCHS)) && $(PY) -m vericar.app --run "$$run"
 
 # What a GPU trip carries (README, "GPU trip"): the GPU copy of the data as one archive (the device's upload
 # limit counts per-file overhead) and the wheels the device lacks; scripts/gpu_trip.sh unpacks them there.

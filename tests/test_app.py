@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from vericar.app import create_app  # noqa: E402
 from vericar.identify import ADDED_FILE, IdentifyService, recipe_config  # noqa: E402
 from vericar.predict import CarIdentifier  # noqa: E402
-from vericar.study import PROFILES  # noqa: E402
+from vericar.study import PROFILES, PROJECT_ROOT  # noqa: E402
 
 
 def encode(image: Image.Image, fmt: str = "JPEG") -> bytes:
@@ -147,6 +147,28 @@ def test_recipe_is_read_from_the_profiles():
     for key, value in chosen.items():
         if hasattr(config, key):
             assert getattr(config, key) == value, key
+
+
+def test_a_shorter_identifier_gets_its_own_run_folder(monkeypatch):
+    """`make identifier` trains fewer epochs than the recipe: never into notebook 03's folder."""
+    from vericar import identify
+    recipe = recipe_config("full", "official")[0].epochs
+    assert identify.recipe_run_dir("full", "official").name == "official"
+    assert identify.recipe_run_dir("full", "official", recipe).name == "official"
+    assert identify.recipe_run_dir("full", "official", recipe // 2).name == f"official-e{recipe // 2}"
+    trained = {}
+
+    def fake_train(cars, config, out, progress=True):
+        trained.update(config=config, out=out)
+        raise SystemExit  # stop before the (real) training summary
+
+    monkeypatch.setattr(identify, "train", fake_train)
+    monkeypatch.setattr("vericar.data.open_dataset", lambda *a, **k: None)
+    with pytest.raises(SystemExit):
+        identify.train_identifier("full", "official", data_dir=PROJECT_ROOT, epochs=3)
+    assert trained["config"].epochs == 3 and trained["out"].name == "official-e3"
+    with pytest.raises(ValueError, match="at least 1"):
+        identify.train_identifier("full", "official", data_dir=PROJECT_ROOT, epochs=0)
 
 
 def test_load_20_clients_x_10_requests_without_errors(tiny_run, tmp_path):
