@@ -382,6 +382,11 @@ def test_nb04_wording_follows_the_numbers():
     assert "the classes are separated clusters" in worse
     assert "packed about as tightly as the training images" in worse
     assert "barely gather more than chance" in worse
+    overlap = findings("04", _purity_result(purity_query_trained_year=0.015, purity_query_frozen_body_only=0.2,
+                                            purity_query_trained_body_only=0.5, purity_query_chance_body_only=0.15))
+    assert "the classes overlap, a test image's neighbours are mostly of other classes" in overlap
+    assert "20.0% of a test image's neighbours share it with the frozen backbone (chance 15.0%), 50.0% after " \
+           "training: the frozen features barely see it." in overlap
     same = findings("04", _purity_result(purity_query_trained_year=0.202))
     assert "stays at about 20.2% (frozen backbone 20.0%)" in same
     synthetic = findings("04", {**_purity_result(), "dataset": "synthetic"})

@@ -264,7 +264,9 @@ def nb04(result: dict[str, Any]) -> str:
                      "separate clusters, 0 overlapping ones): "
                      + ("the classes are separated clusters." if sil >= 0.5 else
                         "the cars of one class are near each other but the classes are not separate clusters; "
-                        "a nearest-neighbour search needs only the first."))
+                        "a nearest-neighbour search needs only the first." if t_y is not None
+                        and t_y > 2 * (m.get("purity_query_chance_year") or 0) else
+                        "the classes overlap, a test image's neighbours are mostly of other classes."))
     d_y = q("trained", "year", "database")
     if d_y is not None and t_y is not None:
         train_words = "training images" if result.get("protocol") == "official" else "database images"
@@ -276,8 +278,9 @@ def nb04(result: dict[str, Any]) -> str:
     fb, tb = q("frozen", "body_only"), q("trained", "body_only")
     if fb is not None and tb is not None:
         lines.append(f"- Body type alone: {pct(fb)} of a test image's neighbours share it with the frozen backbone "
-                     f"(chance {pct(m.get('purity_query_chance_body_only'))}), {pct(tb)} after training: the "
-                     "ImageNet features already see body shape, training adds the finer distinctions.")
+                     f"(chance {pct(m.get('purity_query_chance_body_only'))}), {pct(tb)} after training: "
+                     + ("the ImageNet features already see body shape." if fb > 2 * (m.get("purity_query_chance_body_only") or 1)
+                        else "the frozen features barely see it."))
     ho = {s: m.get(f"open_world_{s}_heldout_purity") for s in ("frozen", "trained")}
     if ho["trained"] is not None:
         hc, kc = m.get("open_world_trained_heldout_class_purity"), m.get("open_world_trained_known_class_purity")
