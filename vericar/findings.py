@@ -546,7 +546,7 @@ def _confidence_words_08(row: dict[str, float], n: int) -> str:
     """Does a high vote share mark the right answers? Wilson intervals of the two groups' accuracies."""
     share, sure, other = row.get("share confident"), row.get("accuracy if confident"), row.get("accuracy otherwise")
     if share is None or sure is None or other is None or not n:
-        return "not measurable"
+        return "no answers in one of the two groups"
     n_sure, n_other = int(round(share * n)), n - int(round(share * n))
     a, b = _wilson_01_04(sure, n_sure), _wilson_01_04(other, n_other)
     verdict = ("no interval to judge by" if a is None or b is None else
