@@ -295,3 +295,99 @@ def test_nb01_on_the_committed_results_and_flipped():
     text = findings("01", crafted)
     assert "none filed under two different classes" in text.splitlines()[0]
     assert "unbalanced" in text and "SynthCars (synthetic" in text
+
+
+# -- 04 · embeddings and UMAP ----------------------------------------------------------------------------------
+
+def _embedding_world():
+    """4 classes (2 makes x 2 models) of 6 images on well-separated directions; the "frozen" features are noise."""
+    from vericar.data.splits import Split
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 6)
+    trained = np.eye(8)[y] + 0.05 * rng.standard_normal((24, 8))
+    frozen = rng.standard_normal((24, 8))
+    hierarchy = pd.DataFrame({"make": ["A", "A", "B", "B"], "type": ["Sedan", "Coupe", "Sedan", "Sedan"],
+                              "model": ["A1", "A2", "B1", "B2"], "year": [2010, 2011, 2012, 2012]})
+    pos = np.tile(np.arange(6), 4)
+    split = Split("official", train=np.flatnonzero(pos < 4), database=np.flatnonzero(pos < 4),
+                  query=np.flatnonzero(pos >= 4))
+    return {"frozen backbone": frozen.astype(np.float32), "trained": trained.astype(np.float32)}, y, hierarchy, split
+
+
+def test_embedding_steps_measure_the_separated_classes():
+    from vericar.analyses import embeddings as emb
+    from vericar.data.splits import Split
+
+    stages, y, hierarchy, split = _embedding_world()
+    rows, picked, note = emb.map_rows(split, y, max_points=8, seed=0)
+    assert len(rows) == 24 and len(picked) == 8 and note == "8 of 24 images drawn (2-2 per class, 4 classes)"
+    quality = emb.quality_by_set(stages, hierarchy, y, split, k=3)
+    assert set(quality["set"]) == {"query", "database"} and set(quality["level"]) >= {"make", "year", "body_only"}
+    q = quality.set_index(["set", "stage", "level"])
+    assert q.loc[("database", "trained", "year"), "purity"] == 1.0  # 4 per class: 3 neighbours all of the class
+    assert q.loc[("query", "trained", "year"), "purity"] == pytest.approx(1 / 3)  # 2 per class, k = 3
+    lines = emb.quality_lines(quality, "database")
+    assert lines[2].startswith(" year: purity") and "-> 1.000 (chance 0.200)" in lines[2]
+    ow_split = Split("open-world", train=split.train[y[split.train] < 3], database=split.train[y[split.train] < 3],
+                     query=split.query[y[split.query] < 3], ood_query=np.flatnonzero(y == 3),
+                     heldout_class_ids=np.array([4]))
+    sample = emb.open_world_sample(ow_split, y, max_points=100)
+    assert sample["is_heldout"].sum() == 6 and len(sample["pool"]) == 24 and "1 held-out classes" in sample["note"]
+    ow = emb.open_world_purity(stages, sample, y, k=3)
+    assert ow.loc["trained", "heldout_purity"] == 1.0 and ow.loc["trained", "heldout_chance"] == pytest.approx(5 / 23)
+    assert emb.open_world_sample(Split("official", train=split.train, database=split.train, query=split.query), y, 9) is None
+    metrics = emb.embedding_metrics(quality, ow.rename(index={"trained": "trained (open-world model)"}))
+    assert metrics["purity_database_trained_year"] == 1.0 and metrics["open_world_trained_heldout_purity"] == 1.0
+    assert metrics["open_world_heldout_chance"] == pytest.approx(5 / 23) and "purity_query_chance_make" in metrics
+
+
+def _purity_result(**changes) -> dict:
+    m = {"purity_query_frozen_year": 0.20, "purity_query_trained_year": 0.60, "purity_query_chance_year": 0.01,
+         "purity_query_frozen_make": 0.30, "purity_query_trained_make": 0.80, "purity_query_chance_make": 0.05,
+         "silhouette_query_frozen_year": -0.05, "silhouette_query_trained_year": 0.12,
+         "purity_database_frozen_year": 0.21, "purity_database_trained_year": 0.95,
+         "open_world_frozen_heldout_purity": 0.20, "open_world_trained_heldout_purity": 0.50,
+         "open_world_trained_heldout_class_purity": 0.30, "open_world_trained_known_class_purity": 0.85,
+         "open_world_heldout_chance": 0.10}
+    m.update(changes)
+    return {"dataset": "stanford_cars", "protocol": "official", "backbone": "efficientnet_lite0", "image_size": 160,
+            "device": "cpu", "metrics": m, "purity_k": 10, "n_query": 1234, "map_points": 500,
+            "map_images_available": 900, "open_world_holdout": "model", "heldout_classes": 39,
+            "setting": "last 2 backbone stages + head on cached trunk, flip TTA", "loss": "proxy_anchor", "epochs": 20}
+
+
+def test_nb04_on_the_committed_results():
+    result = committed("04_embeddings_umap")
+    first = headline("04", result)
+    assert first.startswith("**") and first.endswith("**")
+    assert "rises from 16.7% with the frozen backbone to 66.5% after training (chance 0.5%)" in first
+    assert "of the same make, from 28.1% to 81.0%" in first and "10 nearest neighbours" in first
+    text = findings("04", result)
+    assert "45.2% of their neighbours are held-out too after training (24.0% frozen, chance 11.1%)" in text
+    assert "97.4%" in text and "fit, not generalisation" in text and "no interval is given" in text
+
+
+def test_nb04_wording_follows_the_numbers():
+    text = findings("04", _purity_result())
+    assert text.startswith("**Among each test image's 10 nearest neighbours, the share of the same exact class rises "
+                           "from 20.0% with the frozen backbone to 60.0% after training (chance 1.0%)")
+    assert "last 2 backbone stages + head on cached trunk, flip TTA, proxy_anchor loss, 20 epochs" in text
+    assert "means over 1,234 test images with k = 10" in text and "(500 of 900 images)" in text
+    assert "the classes are not separate clusters" in text and "they gather among themselves" in text
+    worse = findings("04", _purity_result(purity_query_trained_year=0.10, silhouette_query_trained_year=0.6,
+                                          purity_database_trained_year=0.12, open_world_trained_heldout_purity=0.12,
+                                          open_world_trained_heldout_class_purity=0.05))
+    assert "falls from 20.0% with the frozen backbone to 10.0% after training" in worse
+    assert "the classes are separated clusters" in worse
+    assert "packed about as tightly as the training images" in worse
+    assert "barely gather more than chance" in worse
+    overlap = findings("04", _purity_result(purity_query_trained_year=0.015, purity_query_frozen_body_only=0.2,
+                                            purity_query_trained_body_only=0.5, purity_query_chance_body_only=0.15))
+    assert "the classes overlap, a test image's neighbours are mostly of other classes" in overlap
+    assert "20.0% of a test image's neighbours share it with the frozen backbone (chance 15.0%), 50.0% after " \
+           "training: the frozen features barely see it." in overlap
+    same = findings("04", _purity_result(purity_query_trained_year=0.202))
+    assert "stays at about 20.2% (frozen backbone 20.0%)" in same
+    synthetic = findings("04", {**_purity_result(), "dataset": "synthetic"})
+    assert synthetic.startswith("**On SynthCars (synthetic data), among each")

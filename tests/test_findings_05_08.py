@@ -429,3 +429,80 @@ def test_nb07_verdict_flips():
     first = headline("07", result)
     assert first.startswith("**On SynthCars (synthetic data), a hierarchical loss beats flat MS significantly at 1 of 28")
     assert "here it does at the comparisons above" in findings("07", result)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 08 · identify a car
+# ---------------------------------------------------------------------------------------------------
+
+_CLASSES_08 = pd.DataFrame({"make": ["A", "A", "B"], "type": ["Sedan", "Coupe", "Sedan"], "model": ["A1", "A2", "B1"],
+                            "year": [2010, 2011, 2012]})
+
+
+def test_identify_level_accuracy_is_the_prefix_one():
+    """The type answer's make is kept in its key: "Sedan" of make B is wrong for an A Sedan, even with make A right."""
+    from vericar.identify import confidence_table, level_accuracy
+    from vericar.metrics import level_accuracy as prefix
+
+    predicted = pd.DataFrame({
+        "make": ["A", "A", "B"], "type": ["Sedan", "Sedan", "Sedan"], "model": ["A1", "A1", "B1"],
+        "year": [2010, 2010, 2012], "class_name": ["a", "a", "c"], "class_index": [0, 0, 2],
+        "make_key": [("A",), ("A",), ("B",)], "type_key": [("A", "Sedan"), ("B", "Sedan"), ("B", "Sedan")],
+        "model_key": [("A", "Sedan", "A1"), ("B", "Sedan", "B1"), ("B", "Sedan", "B1")],
+        "year_key": [("A", "Sedan", "A1", 2010), ("B", "Sedan", "B1", 2012), ("B", "Sedan", "B1", 2012)],
+        **{f"{lv}_confidence": [1.0, 0.6, 0.9] for lv in ("make", "type", "model", "year")}})
+    truth = [0, 0, 1]
+    acc = level_accuracy(predicted, truth, _CLASSES_08)
+    assert acc == {"accuracy_make": pytest.approx(2 / 3), "accuracy_type": pytest.approx(1 / 3),
+                   "accuracy_model": pytest.approx(1 / 3), "accuracy_year": pytest.approx(1 / 3),
+                   "accuracy_class": pytest.approx(1 / 3)}
+    assert all(acc[k] == v for k, v in prefix(predicted, truth, _CLASSES_08).items() if k in acc)
+    trust = confidence_table(predicted, truth, _CLASSES_08, at=0.8)
+    assert trust.loc["share confident", "type"] == pytest.approx(2 / 3)
+    assert trust.loc["accuracy if confident", "type"] == 0.5 and trust.loc["accuracy otherwise", "type"] == 0.0
+
+
+def _identify_result(**changes) -> dict:
+    common = {"dataset": "stanford_cars", "protocol": "open-world", "backbone": "efficientnet_lite0", "image_size": 160,
+              "device": "cpu"}
+    test = {**common, "experiment": "identify test photos", "setting": "head only", "n_photos": 1000,
+            "levels": "prefix", "metrics": {"accuracy_make": 0.9, "accuracy_type": 0.85, "accuracy_model": 0.8,
+                                            "accuracy_year": 0.75, "accuracy_class": 0.75, "known_share": 0.6},
+            "confidence": {lv: {"share confident": 0.8, "accuracy if confident": 0.95, "accuracy otherwise": 0.5}
+                           for lv in ("make", "type", "model", "year")}}
+    add = {**common, "experiment": "unknown car added without retraining", "setting": "5 photos added",
+           "car": "Zentra Volo Sedan 2013", "n_test_photos": 40, "n_added": 5,
+           "metrics": {"flagged_before": 1.0, "flagged_after": 0.9, "named_before": 0.0, "named_after": 0.1,
+                       "model_before": 0.0, "model_after": 0.2}}
+    test["metrics"].update(changes.pop("test", {}))
+    add["metrics"].update(changes.pop("add", {}))
+    return {"entries": [test, add], **changes}
+
+
+def test_nb08_on_the_committed_results():
+    result = _results("08_identify")
+    first = headline("08", result)
+    assert first.startswith("**On 6,421 test photos of known cars, the identifier gets the make right for 87.3% "
+                            "(95% CI 86.5-88.1%) and the exact class for 77.6%")
+    assert "yet flags 39.8% of these known cars as unknown" in first and "6.4% of its 47 test photos" in first
+    text = findings("08", result)
+    assert "scored each level alone" in text  # written before the prefix semantics: type/model/year not reported
+    assert "Mitsubishi Lancer Sedan 2012" in text and "mostly not recognised" in text
+
+
+def test_nb08_wording_follows_the_numbers():
+    text = findings("08", _identify_result())
+    assert "make + body type 85.0% (95% CI" in text and "exact class 75.0%" in text
+    assert "yet flags 40.0% of these known cars as unknown" in text and "too strict for new photos" in text
+    assert "95.0% right when the vote share is high (80% of answers) against 50.0% otherwise: worth reading" in text
+    assert "flagged unknown 100.0% -> 90.0%, named right 0.0% -> 10.0%" in text and "model right 0.0% -> 20.0%" in text
+    assert "mostly not recognised" in text
+    good = findings("08", _identify_result(test={"known_share": 0.94}, add={"named_after": 0.9}))
+    assert "and accepts 94.0% of them as known" in good and "close to what it was set for" in good
+    assert ": recognised." in good
+    flat = _identify_result()
+    flat["entries"][0]["confidence"] = {lv: {"share confident": 0.5, "accuracy if confident": 0.8,
+                                             "accuracy otherwise": 0.78} for lv in ("make", "type", "model", "year")}
+    flat["entries"][0]["dataset"] = "synthetic"
+    text = findings("08", flat)
+    assert "not told apart, the intervals overlap" in text and text.startswith("**On SynthCars (synthetic data), on 1,000")

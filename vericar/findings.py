@@ -223,6 +223,84 @@ def nb03(result: dict[str, Any]) -> str:
 
 
 # --- 04 · embeddings and UMAP --------------------------------------------------------------------------------------
+_LEVEL_WORDS_04 = {"make": "make", "type": "make + body type", "model": "model", "year": "exact class"}
+
+
+def _change_04(before: float | None, after: float | None, tol: float = 0.005) -> str:
+    """A rate's change from the frozen backbone to the trained model, in words."""
+    if before is None or after is None:
+        return f"is {pct(after)} after training (frozen backbone {pct(before)})"
+    if abs(after - before) <= tol:
+        return f"stays at about {pct(after)} (frozen backbone {pct(before)})"
+    return f"{'rises' if after > before else 'falls'} from {pct(before)} with the frozen backbone to {pct(after)} after training"
+
+
+def nb04(result: dict[str, Any]) -> str:
+    """Notebook 04: neighbourhood purity and silhouette of the query images, frozen backbone -> trained, per
+    level; the training images beside them; the held-out cars of the open-world model. Means over the images,
+    no interval (an image's neighbours are shared with other images', so they are not independent)."""
+    m, where = result["metrics"], label(result)
+    k = result.get("purity_k", "k")
+
+    def q(stage: str, level: str, set_name: str = "query") -> float | None:
+        return m.get(f"purity_{set_name}_{stage}_{level}")
+
+    f_y, t_y, f_m, t_m = q("frozen", "year"), q("trained", "year"), q("frozen", "make"), q("trained", "make")
+    note = "On SynthCars (synthetic data), among" if result.get("dataset") == "synthetic" else "Among"
+    lines = [f"**{note} each test image's {k} nearest neighbours, the share of the same exact class "
+             f"{_change_04(f_y, t_y)} (chance {pct(m.get('purity_query_chance_year'))}); of the same make, from "
+             f"{pct(f_m)} to {pct(t_m)} ({where}).**", ""]
+    setting = ", ".join(str(x) for x in (result.get("setting"), result.get("loss") and f"{result['loss']} loss",
+                                         result.get("epochs") and f"{result['epochs']} epochs") if x)
+    levels = [lv for lv in _LEVEL_WORDS_04 if q("trained", lv) is not None]
+    lines.append(f"- Per level, query images ({where}{'; ' + setting if setting else ''}), purity frozen -> trained "
+                 "(chance; silhouette frozen -> trained): " + "; ".join(
+                     f"{_LEVEL_WORDS_04[lv]} {pct(q('frozen', lv))} -> {pct(q('trained', lv))} "
+                     f"({pct(m.get(f'purity_query_chance_{lv}'))}; {m.get(f'silhouette_query_frozen_{lv}', float('nan')):+.2f} -> "
+                     f"{m.get(f'silhouette_query_trained_{lv}', float('nan')):+.2f})" for lv in levels) + ".")
+    sil = m.get("silhouette_query_trained_year")
+    if sil is not None:
+        lines.append(f"- Clusters: the class-level silhouette after training is {sil:+.2f} (1 would be tight, "
+                     "separate clusters, 0 overlapping ones): "
+                     + ("the classes are separated clusters." if sil >= 0.5 else
+                        "the cars of one class are near each other but the classes are not separate clusters; "
+                        "a nearest-neighbour search needs only the first." if t_y is not None
+                        and t_y > 2 * (m.get("purity_query_chance_year") or 0) else
+                        "the classes overlap, a test image's neighbours are mostly of other classes."))
+    d_y = q("trained", "year", "database")
+    if d_y is not None and t_y is not None:
+        train_words = "training images" if result.get("protocol") == "official" else "database images"
+        lines.append(f"- Training images against new ones: among the {train_words} the same-class share is "
+                     f"{pct(d_y)} (frozen {pct(q('frozen', 'year', 'database'))}), against {pct(t_y)} for the test "
+                     "images: " + ("the gap is how much tighter the model packs what it was trained on than new "
+                                   "photos of the same cars (fit, not generalisation)." if d_y - t_y > 0.1
+                                   else "new photos are packed about as tightly as the training images."))
+    fb, tb = q("frozen", "body_only"), q("trained", "body_only")
+    if fb is not None and tb is not None:
+        lines.append(f"- Body type alone: {pct(fb)} of a test image's neighbours share it with the frozen backbone "
+                     f"(chance {pct(m.get('purity_query_chance_body_only'))}), {pct(tb)} after training: "
+                     + ("the ImageNet features already see body shape." if fb > 2 * (m.get("purity_query_chance_body_only") or 1)
+                        else "the frozen features barely see it."))
+    ho = {s: m.get(f"open_world_{s}_heldout_purity") for s in ("frozen", "trained")}
+    if ho["trained"] is not None:
+        hc, kc = m.get("open_world_trained_heldout_class_purity"), m.get("open_world_trained_known_class_purity")
+        chance = m.get("open_world_heldout_chance")
+        lines.append(
+            f"- Held-out car models (open-world model, held out by {result.get('open_world_holdout', '?')}, "
+            f"{result.get('heldout_classes', '?')} classes): {pct(ho['trained'])} of their neighbours are held-out "
+            f"too after training ({pct(ho['frozen'])} frozen, chance {pct(chance)}), {pct(hc)} are of their own "
+            f"class, against {pct(kc)} for the known classes: "
+            + ("they gather among themselves, if less tightly than the classes trained on, which is what lets "
+               "notebook 06 flag them by distance." if ho["trained"] > 2 * (chance or 0) and hc < kc - 0.1 else
+               "they gather as tightly as the classes trained on." if hc >= kc - 0.1 else
+               "they barely gather more than chance: distance alone will struggle to flag them."))
+    n = result.get("n_query")
+    lines.append(f"- Evidence: the numbers are means over {f'{n:,} ' if n else ''}test images with k = {k}, measured "
+                 f"in the embedding space; no interval is given (neighbourhoods overlap, so the images are not "
+                 f"independent). The UMAP maps ({result.get('map_points', '?')} of {result.get('map_images_available', '?')} "
+                 "images) are pictures of the same space, not extra evidence.")
+    return "\n".join(lines) + "\n"
+
 
 
 # --- 05 · error analysis ----------------------------------------------------------------------------------------
@@ -464,6 +542,78 @@ def nb07(result: dict[str, Any]) -> str:
 
 
 # --- 08 · identify a car -------------------------------------------------------------------------------------------
+def _confidence_words_08(row: dict[str, float], n: int) -> str:
+    """Does a high vote share mark the right answers? Wilson intervals of the two groups' accuracies."""
+    share, sure, other = row.get("share confident"), row.get("accuracy if confident"), row.get("accuracy otherwise")
+    if share is None or sure is None or other is None or not n:
+        return "no answers in one of the two groups"
+    n_sure, n_other = int(round(share * n)), n - int(round(share * n))
+    a, b = _wilson_01_04(sure, n_sure), _wilson_01_04(other, n_other)
+    verdict = ("no interval to judge by" if a is None or b is None else
+               "worth reading, the intervals do not overlap" if a[0] > b[1] else
+               "not told apart, the intervals overlap")
+    return (f"{pct(sure)} right when the vote share is high ({pct(share, 0)} of answers) against {pct(other)} "
+            f"otherwise: {verdict}")
+
+
+def nb08(result: dict[str, Any]) -> str:
+    """Notebook 08: the identifier on every test photo of known cars (accuracy per level with Wilson intervals,
+    the share accepted as known, whether the confidence is worth reading) and one held-out car added from a few
+    photos without retraining. Results written before the per-level prefix semantics (no ``levels`` key) scored
+    each level alone: only the make and the exact class are reported from them."""
+    entries = result["entries"]
+    test = next(e for e in entries if e.get("experiment") == "identify test photos")
+    add = next((e for e in entries if e.get("experiment") == "unknown car added without retraining"), None)
+    m, n, where = test["metrics"], test.get("n_photos"), label(test)
+    exact = m.get("accuracy_class", m.get("accuracy_year"))
+    known = m.get("known_share")
+    note = "On SynthCars (synthetic data), on" if test.get("dataset") == "synthetic" else "On"
+    flag = ("" if known is None else f", yet flags {pct(1 - known)} of these known cars as unknown" if known < 0.9
+            else f", and accepts {pct(known)} of them as known")
+    head = (f"**{note} {n:,} test photos of known cars, the identifier gets the make right for "
+            f"{_with_ci_01_04(m.get('accuracy_make'), n)} and the exact class for {_with_ci_01_04(exact, n)}{flag}")
+    if add is not None:
+        a = add["metrics"]
+        head += (f"; after adding {add.get('n_added') or add.get('setting', '').split(' ')[0]} photos of a held-out "
+                 f"car, {pct(a['named_after'])} of its {add.get('n_test_photos')} test photos are named right")
+    lines = [head + f" ({where}).**", ""]
+    prefix = "levels" in test
+    levels = ["make", "type", "model", "year"] if prefix else ["make"]
+    words = {"make": "make", "type": "make + body type", "model": "model", "year": "exact class"}
+    if prefix:
+        lines.append(f"- Per level ({where}, {test.get('setting', '')}; right at a level means right at every level "
+                     "above it too; 95% Wilson intervals over the photos): " + "; ".join(
+                         f"{words[lv]} {_with_ci_01_04(m.get(f'accuracy_{lv}'), n)}" for lv in levels) + ".")
+    else:
+        lines.append(f"- Per level ({where}): these results scored each level alone (before the study's prefix "
+                     "semantics), so only the make and the exact class above are comparable with notebooks 05 and 07.")
+    conf = test.get("confidence") or {}
+    if conf:
+        lines.append("- Confidence (vote share among the 5 nearest database images, high = at least 0.8): "
+                     + "; ".join(f"{words[lv]}: {_confidence_words_08(conf[lv], n)}" for lv in levels if lv in conf) + ".")
+    if known is not None:
+        lines.append(f"- Unknown flag: the KNN+ threshold is set to accept 95% of the database's own images; it "
+                     f"accepts {_with_ci_01_04(known, n)} of the test photos of the same known cars, "
+                     + ("so set on images the model was trained on, it is too strict for new photos: a person gets "
+                        "\"unknown car\" for many cars the database holds." if known < 0.9 else
+                        "close to what it was set for."))
+    if add is not None:
+        a, nt = add["metrics"], add.get("n_test_photos")
+        named = _wilson_01_04(a["named_after"], nt)
+        verdict = ("no interval to judge by" if named is None else
+                   "recognised" if named[0] > 0.5 else "mostly not recognised" if named[1] < 0.5 else
+                   "recognised for about half of them")
+        model = (f", model right {pct(a['model_before'])} -> {pct(a['model_after'])}" if "model_after" in a else "")
+        lines.append(f"- Adding a car ({add.get('car')}, held out of training and database; {add.get('setting')}, no "
+                     f"retraining, threshold not recalibrated): of its {nt} test photos, flagged unknown "
+                     f"{pct(a['flagged_before'])} -> {pct(a['flagged_after'])}, named right {pct(a['named_before'])} -> "
+                     f"{_with_ci_01_04(a['named_after'], nt)}{model}: {verdict}. One car, chosen by counts; "
+                     "another could fare differently.")
+    lines.append(f"- Data: {_data_words_01_04(test.get('dataset'))}, {test.get('protocol')} protocol (some car models "
+                 "held out); the re-implementation this study follows made no claim about identification to set "
+                 "beside these.")
+    return "\n".join(lines) + "\n"
+
 
 
 def findings(notebook: str, result: dict[str, Any]) -> str:

@@ -374,20 +374,34 @@ def answers_table(answers: Sequence[dict]) -> "pd.DataFrame":
     return pd.DataFrame(rows)
 
 
-def level_accuracy(predicted: "pd.DataFrame", truth: "pd.DataFrame") -> dict[str, float]:
-    """Share of rows whose answer is right at each level (and the whole class), rows aligned."""
-    out = {f"accuracy_{lv}": float(np.mean(predicted[lv].to_numpy() == truth[lv].to_numpy())) for lv in LEVELS}
-    out["accuracy_class"] = float(np.mean(predicted["class_name"].to_numpy() == truth["class_name"].to_numpy()))
+def level_accuracy(predicted: "pd.DataFrame", true_class_index, class_table: "pd.DataFrame") -> dict[str, float]:
+    """Share of answers right at each level, with the study's prefix semantics: ``accuracy_type`` is make *and*
+    type right, ..., ``accuracy_year`` the exact class (:func:`vericar.metrics.level_accuracy`, the one per-level
+    correctness of vericar); ``accuracy_class`` repeats ``accuracy_year`` under the name earlier results used.
+
+    ``predicted``: :meth:`CarIdentifier.identify`'s table (its ``<level>_key`` columns); ``true_class_index``:
+    the photos' 0-based classes; ``class_table``: one row per class (``CarsDataset.hierarchy``).
+    """
+    from .metrics import level_accuracy as prefix_level_accuracy
+
+    acc = prefix_level_accuracy(predicted, true_class_index, class_table)
+    out = {f"accuracy_{lv}": acc[f"accuracy_{lv}"] for lv in LEVELS}
+    out["accuracy_class"] = out["accuracy_year"]
     return out
 
 
-def confidence_table(predicted: "pd.DataFrame", truth: "pd.DataFrame", at: float = 0.8) -> "pd.DataFrame":
-    """Per level: share of answers with confidence >= ``at``, their accuracy, and the others' accuracy."""
+def confidence_table(predicted: "pd.DataFrame", true_class_index, class_table: "pd.DataFrame",
+                     at: float = 0.8) -> "pd.DataFrame":
+    """Per level: share of answers with confidence >= ``at``, their accuracy, and the others' accuracy
+    (right at a level as in :func:`level_accuracy`: :func:`vericar.metrics.level_correct`)."""
     import pandas as pd
 
+    from .metrics import level_correct
+
+    correct = level_correct(predicted, true_class_index, class_table)
     out = {}
     for lv in LEVELS:
-        right = predicted[lv].to_numpy() == truth[lv].to_numpy()
+        right = correct[lv].to_numpy(bool)
         sure = predicted[f"{lv}_confidence"].to_numpy() >= at
         out[lv] = {"share confident": sure.mean(),
                    "accuracy if confident": right[sure].mean() if sure.any() else np.nan,
@@ -429,6 +443,93 @@ def pick_unknown_class(run: TrainedRun, cars: CarsDataset, shots: int = 5) -> tu
     label = int(np.argmax(query_counts))
     return (str(cars.class_names[label]), split.ood_database[labels[split.ood_database] == label][:shots],
             split.ood_query[labels[split.ood_query] == label])
+
+
+# -- notebook 08's steps -----------------------------------------------------------------------------------
+
+def example_photos(run: TrainedRun, cars: CarsDataset, examples: int, seed: int = 0
+                   ) -> tuple[np.ndarray, list[Image.Image]]:
+    """``examples`` random test photos of known cars (``split.query``, seeded): their rows and images."""
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(run.split.query, size=min(examples, len(run.split.query)), replace=False)
+    return rows, [cars.image(int(r)) for r in rows]
+
+
+def examples_table(answers: Sequence[dict], cars: CarsDataset, rows) -> "pd.DataFrame":
+    """:func:`answers_table` with each photo's true class beside the answer."""
+    truth = cars.hierarchy.iloc[cars.labels[np.asarray(rows)]]["class_name"].to_numpy()
+    return answers_table(answers).assign(true_class=truth)
+
+
+def identify_test_set(service: IdentifyService, run: TrainedRun, cars: CarsDataset, *, example_rows=None,
+                      example_answers: Sequence[dict] | None = None, at: float = 0.8) -> dict:
+    """The identifier over every test photo of known cars, from their stored embeddings.
+
+    Returns ``predicted`` (one row per photo), ``accuracy`` (:func:`level_accuracy`, prefix semantics),
+    ``confidence`` (:func:`confidence_table` at ``at``), ``known_share`` (share accepted as known),
+    ``n_photos`` and ``photos_match_embeddings``: for the example photos identified from their images, the
+    share whose class equals the one their stored embeddings give (None without examples).
+    """
+    rows = run.split.query
+    predicted = service.identifier.identify(run.embeddings[rows])
+    truth = cars.labels[rows]
+    same = None
+    if example_rows is not None and example_answers:
+        stored = service.identifier.identify(run.embeddings[np.asarray(example_rows)])
+        same = float(np.mean([a["class_name"] == c for a, c in zip(example_answers, stored["class_name"])]))
+    return {"predicted": predicted, "accuracy": level_accuracy(predicted, truth, cars.hierarchy),
+            "confidence": confidence_table(predicted, truth, cars.hierarchy, at), "n_photos": len(rows),
+            "known_share": float(predicted["known"].mean()), "photos_match_embeddings": same}
+
+
+def summary_line(summary: dict) -> str:
+    """One printed line of :func:`identify_test_set`'s numbers."""
+    acc = ", ".join(f"{k.removeprefix('accuracy_')} {v:.2%}" for k, v in summary["accuracy"].items()
+                    if k != "accuracy_class")
+    same = summary["photos_match_embeddings"]
+    return (f"{summary['n_photos']} test photos, right at (prefix semantics: type = make + type, ...): {acc}; "
+            f"{summary['known_share']:.2%} accepted as known."
+            + ("" if same is None else f" Photos and their stored embeddings give the same class for {same:.0%} "
+                                       "of the examples."))
+
+
+def add_unknown_car(service: IdentifyService, run: TrainedRun, cars: CarsDataset, shots: int = 5) -> dict:
+    """The held-out car of :func:`pick_unknown_class`: its test photos identified before and after adding
+    ``shots`` labelled photos of it (:meth:`IdentifyService.add_car`, no retraining).
+
+    Returns ``name``, ``photos`` (its test photos), ``before``/``after`` (answers), ``added`` (add_car's
+    reply), ``table`` (:func:`adding_table`) and ``n_test_photos``.
+    """
+    name, add_rows, unknown_rows = pick_unknown_class(run, cars, shots)
+    photos = [cars.image(int(r)) for r in unknown_rows]
+    before = service.identify(photos)
+    added = service.add_car(name, [cars.image(int(r)) for r in add_rows])
+    after = service.identify(photos)
+    true_model = cars.hierarchy.iloc[cars.labels[unknown_rows[0]]]["model"]
+    table = adding_table({"before adding": before, f"after adding {added['photos']} photos": after}, name, true_model)
+    return {"name": name, "photos": photos, "before": before, "after": after, "added": added, "table": table,
+            "n_test_photos": len(unknown_rows)}
+
+
+def identify_entries(dataset: str, run: TrainedRun, summary: dict, demo: dict, shots: int) -> list[dict]:
+    """The two entries of ``results/08_identify.json``: the test set (accuracy per level, prefix semantics,
+    and the share accepted as known; the confidence table) and the unknown car added without retraining."""
+    from .results import results_entry
+
+    cfg = run.config
+    common = dict(dataset=dataset, protocol=cfg.protocol, backbone=cfg.backbone, image_size=cfg.image_size,
+                  device=run.metrics["device"])
+    t = demo["table"]
+    return [results_entry(**common, experiment="identify test photos", setting=cfg.describe(),
+                          n_photos=summary["n_photos"], levels="prefix (type = make + type, model = make + type "
+                                                                "+ model, year = the exact class)",
+                          metrics={**summary["accuracy"], "known_share": summary["known_share"]},
+                          confidence=summary["confidence"].to_dict()),
+            results_entry(**common, experiment="unknown car added without retraining", setting=f"{shots} photos added",
+                          car=demo["name"], n_test_photos=demo["n_test_photos"], n_added=demo["added"]["photos"],
+                          metrics={"flagged_before": t.iloc[0, 0], "flagged_after": t.iloc[0, 1],
+                                   "named_before": t.iloc[1, 0], "named_after": t.iloc[1, 1],
+                                   "model_before": t.iloc[2, 0], "model_after": t.iloc[2, 1]})]
 
 
 def _plain(value):

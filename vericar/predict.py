@@ -76,7 +76,9 @@ class CarIdentifier:
 
     def identify(self, images_or_embeddings, k: int | None = None) -> pd.DataFrame:
         """One row per car: predicted ``make, type, model, year, class_name`` with a confidence per level
-        (vote share among the ``k`` neighbours), the KNN+ ``score`` and ``known`` (False: in no database).
+        (vote share among the ``k`` neighbours), the KNN+ ``score`` and ``known`` (False: in no database),
+        then the winning ``class_index`` and prefix keys ``make_key .. year_key`` (levels are voted
+        independently, so the ``type`` answer's make may differ from the ``make`` answer; the keys keep it).
 
         Accepts PIL images, image paths, uint8 image arrays (H x W or H x W x 3), one of these alone, or an
         (N, D) float array of embeddings."""
@@ -91,6 +93,10 @@ class CarIdentifier:
         out.insert(4, "class_name", self.class_table["class_name"].to_numpy()[pred["class_index"].to_numpy()])
         out["score"] = scores
         out["known"] = scores >= self.threshold
+        # the winning class and prefix keys, so that vericar.metrics.level_correct scores these answers
+        out["class_index"] = pred["class_index"].to_numpy()
+        for level in ("make", "type", "model", "year"):
+            out[f"{level}_key"] = pred[f"{level}_key"].to_numpy()
         return out
 
     def add(self, images_or_embeddings, class_name: str, *, recalibrate: bool = False) -> int:

@@ -50,7 +50,18 @@ from ..neighbours import l2_normalize
 from ..retrieval import KNNIndex
 
 __all__ = [
+    "MAP_COLUMNS",
+    "STAGE_KEYS",
     "chance_purity",
+    "embedding_metrics",
+    "map_colours",
+    "map_rows",
+    "open_world_purity",
+    "open_world_sample",
+    "quality_by_set",
+    "quality_lines",
+    "umap_maps",
+    "umap_results_entry",
     "embedding_quality",
     "label_table",
     "neighbour_agreement",
@@ -278,3 +289,152 @@ def umap_2d(embeddings, *, n_neighbors: int = 15, min_dist: float = 0.1, random_
                             n_jobs=1, precomputed_knn=(idx, knn_dist, None))
         coords = reducer.fit_transform(x)
     return np.asarray(coords, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Notebook 04's steps
+# ----------------------------------------------------------------------------------------------------
+
+#: Single hierarchy columns measured besides the prefix levels: what the maps' middle and right panels colour by.
+MAP_COLUMNS = {"body_only": "type", "year_only": "year"}
+
+#: The results file's name for each stage of the embedding.
+STAGE_KEYS = {"frozen backbone": "frozen", "trained": "trained", "trained (open-world model)": "trained"}
+
+
+def map_rows(split, labels, max_points: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
+    """The images a protocol's maps draw: its database and query images together, a :func:`stratified_sample`
+    of at most ``max_points`` of them. Returns ``(all rows, drawn rows, a line saying how many)``."""
+    labels = np.asarray(labels)
+    rows = np.union1d(split.database, split.query)
+    picked = rows[stratified_sample(labels[rows], max_points, seed=seed)]
+    per_class = np.unique(labels[picked], return_counts=True)[1]
+    return rows, picked, (f"{len(picked)} of {len(rows)} images drawn ({per_class.min()}-{per_class.max()} per "
+                          f"class, {len(per_class)} classes)")
+
+
+def umap_maps(stages: dict[str, np.ndarray], rows, *, n_neighbors: int = 15, min_dist: float = 0.1,
+              random_state: int = 0, device="cpu") -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """:func:`umap_2d` of ``rows`` of each stage's embeddings: ``({stage: (N, 2) map}, {stage: seconds})``."""
+    import time
+
+    maps, seconds = {}, {}
+    for name, emb in stages.items():
+        t0 = time.perf_counter()
+        maps[name] = umap_2d(emb[rows], n_neighbors=n_neighbors, min_dist=min_dist, random_state=random_state,
+                             device=device)
+        seconds[name] = time.perf_counter() - t0
+    return maps, seconds
+
+
+def map_colours(table: pd.DataFrame, rows, top_makes: int) -> tuple[pd.DataFrame, list, str]:
+    """What each drawn point is coloured by: make (the ``top_makes`` makes with most images, the others
+    "other"), body type and model year. ``table``: the dataset's per-image table (make, type, year).
+    Returns ``(colours, the coloured makes, a line naming them)``."""
+    make_colour, coloured = top_n_labels(table["make"], top_makes)
+    picked = table.iloc[np.asarray(rows)]
+    colours = pd.DataFrame({"make": make_colour[np.asarray(rows)], "type": picked["type"].to_numpy(),
+                            "year": picked["year"].to_numpy()})
+    note = (f"coloured: {len(coloured)} of {table['make'].nunique()} makes (most images first): "
+            f"{', '.join(map(str, coloured))}")
+    return colours, coloured, note
+
+
+def quality_by_set(stages: dict[str, np.ndarray], hierarchy: pd.DataFrame, labels, split, k: int = 10, *,
+                   device="cpu") -> pd.DataFrame:
+    """:func:`embedding_quality` of the query images and, separately, of the database images (each set on its
+    own, leave-one-out), at every level and :data:`MAP_COLUMNS`; long table with a ``set`` column."""
+    labels = np.asarray(labels)
+    out = []
+    for set_name, set_rows in (("query", split.query), ("database", split.database)):
+        table = label_table(hierarchy, labels[set_rows], extra=MAP_COLUMNS)
+        q = embedding_quality({name: emb[set_rows] for name, emb in stages.items()}, table, k=k, device=device)
+        out.append(q.assign(set=set_name))
+    return pd.concat(out, ignore_index=True)
+
+
+def quality_lines(quality: pd.DataFrame, set_name: str = "query",
+                  levels: Sequence[str] = ("make", "model", "year")) -> list[str]:
+    """One line per level: purity and silhouette of ``set_name``, frozen backbone -> trained, with chance."""
+    q = quality[quality["set"] == set_name].set_index(["stage", "level"])
+    return [f"{lv:>5}: purity {q.loc[('frozen backbone', lv), 'purity']:.3f} -> {q.loc[('trained', lv), 'purity']:.3f} "
+            f"(chance {q.loc[('trained', lv), 'chance']:.3f}); silhouette {q.loc[('frozen backbone', lv), 'silhouette']:.3f}"
+            f" -> {q.loc[('trained', lv), 'silhouette']:.3f}" for lv in levels]
+
+
+def open_world_sample(split, labels, max_points: int, *, seed: int = 0) -> dict | None:
+    """An open-world run's known images (database + queries) and held-out queries in one pool, and the points
+    its map draws; None when the split holds no held-out query.
+
+    Returns ``pool`` (rows), ``is_heldout`` (per pool row), ``pick`` (positions in the pool drawn, a
+    :func:`stratified_sample`) and ``note`` (a line with the counts).
+    """
+    if len(split.ood_query) == 0:
+        return None
+    labels = np.asarray(labels)
+    known = np.union1d(split.database, split.query)
+    pool = np.concatenate([known, split.ood_query])
+    is_heldout = np.r_[np.zeros(len(known), bool), np.ones(len(split.ood_query), bool)]
+    pick = stratified_sample(labels[pool], max_points, seed=seed)
+    note = (f"open-world: {len(split.heldout_class_ids)} held-out classes; {len(known)} known and "
+            f"{len(split.ood_query)} held-out query images; {len(pick)} drawn ({int(is_heldout[pick].sum())} held-out)")
+    return {"pool": pool, "is_heldout": is_heldout, "pick": pick, "note": note}
+
+
+def open_world_purity(stages: dict[str, np.ndarray], sample: dict | None, labels, k: int = 10, *,
+                      device="cpu") -> pd.DataFrame:
+    """Per stage, over all pool images of :func:`open_world_sample`: for the held-out images, the share of
+    their ``k`` nearest neighbours that are held-out too (``heldout_purity``, chance ``heldout_chance``) and of
+    their own class (``heldout_class_purity``); the known images' own-class share (``known_class_purity``).
+    Empty without a sample."""
+    if sample is None:
+        return pd.DataFrame()
+    pool, held = sample["pool"], sample["is_heldout"]
+    rows = []
+    for name, emb in stages.items():
+        agree = neighbour_agreement(emb[pool], {"heldout": held, "class": np.asarray(labels)[pool]}, k=k,
+                                    device=device)
+        rows.append({"stage": name, "heldout_purity": agree["heldout"][held].mean(),
+                     "heldout_class_purity": agree["class"][held].mean(),
+                     "known_class_purity": agree["class"][~held].mean(),
+                     "heldout_chance": (held.sum() - 1) / (len(pool) - 1)})
+    return pd.DataFrame(rows).set_index("stage")
+
+
+def embedding_metrics(quality: pd.DataFrame, open_world: pd.DataFrame) -> dict[str, float]:
+    """The ``metrics`` of ``results/04_embeddings_umap.json``: ``purity_<set>_<stage>_<level>``,
+    ``silhouette_<set>_<stage>_<level>``, ``purity_query_chance_<level>`` and ``open_world_<stage>_<number>``
+    (stage ``frozen`` / ``trained``, :data:`STAGE_KEYS`)."""
+    metrics = {}
+    for r in quality.itertuples():
+        metrics[f"purity_{r.set}_{STAGE_KEYS[r.stage]}_{r.level}"] = r.purity
+        metrics[f"silhouette_{r.set}_{STAGE_KEYS[r.stage]}_{r.level}"] = r.silhouette
+    for r in quality[(quality["set"] == "query") & (quality["stage"] == "trained")].itertuples():
+        metrics[f"purity_query_chance_{r.level}"] = r.chance
+    for stage, r in open_world.iterrows():
+        for col in ("heldout_purity", "heldout_class_purity", "known_class_purity"):
+            metrics[f"open_world_{STAGE_KEYS[stage]}_{col}"] = r[col]
+    if len(open_world):
+        metrics["open_world_heldout_chance"] = float(open_world["heldout_chance"].iloc[0])
+    return metrics
+
+
+def umap_results_entry(*, dataset: str, run, open_world_run, quality: pd.DataFrame, open_world: pd.DataFrame,
+                       sample: dict | None, rows, picked, device: str, purity_k: int, max_points: int,
+                       umap_params: dict, umap_seconds: dict, coloured_makes: list, data_dir) -> dict:
+    """The entry of ``results/04_embeddings_umap.json``: :func:`embedding_metrics` with what they were measured
+    on (the trained run's recipe in words, the numbers of images, the map's sampling and UMAP settings)."""
+    from ..results import results_entry
+
+    cfg, split = run.config, run.split
+    return results_entry(
+        dataset=dataset, protocol=split.protocol, backbone=cfg.backbone, image_size=cfg.image_size, device=device,
+        metrics=embedding_metrics(quality, open_world), setting=cfg.describe(), loss=cfg.loss, epochs=cfg.epochs,
+        purity_k=purity_k, n_query=len(split.query), n_database=len(split.database), map_points=len(picked),
+        map_images_available=len(rows), open_world_map_points=len(sample["pick"]) if sample else 0,
+        open_world_heldout_queries=int(sample["is_heldout"].sum()) if sample else 0, max_points=max_points,
+        sampling="at most c images per class, c the largest cap within max_points, seeded",
+        umap={**umap_params, "metric": "cosine"}, umap_seconds=umap_seconds, coloured_makes=coloured_makes,
+        run_folder=str(run.path), open_world_run_folder=str(open_world_run.path),
+        open_world_holdout=open_world_run.config.holdout,
+        heldout_classes=len(open_world_run.split.heldout_class_ids), data_dir=str(data_dir))
