@@ -61,6 +61,9 @@ PROFILES: dict[str, dict[str, Any]] = {
                    "gradient_image_size": 160,
                    "accumulation_variants": ["list_stack_mean", "writeup_wrong_loop", "item_accumulate", "no_grad",
                                              "inplace_leaf"]},
+            # held-out models only: each other holdout (year, make) is one more ~1 h model on a CPU core
+            # (scripts/reference_models.py open-world-year / open-world-make; then -p holdouts '["year","model","make"]')
+            "06": {"holdouts": ["model"]},
         },
     },
     # the smallest settings that still exercise every cell; used by the tests
