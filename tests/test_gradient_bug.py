@@ -12,8 +12,9 @@ import torch
 from conftest import REAL_SMALL, requires_real_data
 
 from vericar import plots
-from vericar.losses import (ACCUMULATION_VARIANTS, GRAPH_CUTTING_VARIANTS, GRAPH_PRESERVING_VARIANTS,
-                            RAISING_VARIANTS, gradient_report, make_loss)
+from vericar.analyses.seed_losses import (ACCUMULATION_VARIANTS, GRAPH_CUTTING_VARIANTS, GRAPH_PRESERVING_VARIANTS,
+                                          RAISING_VARIANTS, gradient_report)
+from vericar.losses import make_loss
 from vericar.models import build_model
 from vericar.analyses.gradient_bug import (SUSPECTS, Comparison, class_subset, classify_outcomes,
                                    comparison_variants, corrupted_test_accuracy, expected_gradient_verdict,
@@ -139,7 +140,7 @@ def tiny_synth(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------------------------------
-# Gradients: the notebook's classification agrees with vericar.losses
+# Gradients: the notebook's classification agrees with vericar.analyses.seed_losses
 # --------------------------------------------------------------------------------------------------
 
 def test_gradient_verdicts_agree_with_losses_module():

@@ -1,4 +1,5 @@
-"""Tests for vericar.losses: MS loss vs pml, the "gradient bug" reproductions, hierarchical MS losses.
+"""Tests for vericar.losses (MS loss vs pml, hierarchical MS losses, the registry) and for the "gradient bug"
+reproductions of vericar.analyses.seed_losses, which register with it.
 
 The accumulation-variant tests are the guard that a notebook's conclusion about the seed's "gradient
 bug" cannot drift from the code: which variants deliver gradients to the model and which do not.
@@ -16,22 +17,26 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 
 from vericar.data.hierarchy import hierarchy_table
-from vericar.losses import (
+from vericar.analyses.seed_losses import (
     ACCUMULATION_VARIANTS,
     GRAPH_CUTTING_VARIANTS,
     GRAPH_PRESERVING_VARIANTS,
-    LOSSES,
     RAISING_VARIANTS,
-    ZHANG_LEVEL_WEIGHTS,
     AccumulatedMSLoss,
-    HierarchicalMSLoss,
-    MSLoss,
     SeedHierarchicalLoss,
     accumulate,
     gradient_report,
-    level_label_matrix,
-    make_loss,
     per_sample_ms_losses,
+)
+from vericar.losses import (
+    LOSSES,
+    ZHANG_LEVEL_WEIGHTS,
+    HierarchicalMSLoss,
+    MSLoss,
+    level_label_matrix,
+    loss_names,
+    make_loss,
+    register_loss,
 )
 from vericar.models import build_model
 
@@ -123,7 +128,7 @@ def test_per_sample_mean_equals_pml(seed, epsilon, base):
 
 
 def test_per_sample_mining_matches_pml_miner_pairs():
-    from vericar.losses import _ms_mining_masks
+    from vericar.analyses.seed_losses import _ms_mining_masks
 
     emb, labels = _batch(7, n=32)
     e = torch.nn.functional.normalize(emb)
@@ -434,6 +439,38 @@ def test_hierarchical_make_loss_signature_and_checks():
         HierarchicalMSLoss(constraint="mean")
     with pytest.raises(ValueError):
         HierarchicalMSLoss(order="up")
+
+
+# --------------------------------------------------------------------------------------------------
+# The registry: the seed's losses register from the analyses; the core never imports them
+# --------------------------------------------------------------------------------------------------
+
+def test_register_loss_refuses_core_names_and_another_modules_name():
+    with pytest.raises(ValueError, match="own losses"):
+        register_loss("ms", lambda *a, **kw: None)
+    with pytest.raises(ValueError, match="proxy_anchor"):
+        register_loss("proxy_anchor", lambda *a, **kw: None)
+
+    def other(alpha, beta, base, epsilon, **kw):
+        return MSLoss(alpha, beta, base, epsilon)
+    other.__module__ = "somewhere.else"
+    with pytest.raises(ValueError, match="registered already, by vericar.analyses.seed_losses"):
+        register_loss("seed_hier_clamp", other)
+    register_loss("test_only:ms", other)
+    try:
+        assert isinstance(make_loss("test_only:ms"), MSLoss) and "test_only:ms" in loss_names()
+    finally:
+        del LOSSES["test_only:ms"]
+
+
+def test_an_unregistered_name_of_a_known_provider_names_the_module_to_import():
+    """A run folder's loss registered by an analysis module: the core's error says what to import (a fresh process
+    that has not imported it is tested in test_train.py); the seed's losses build once it is imported."""
+    with pytest.raises(ValueError, match=r"unknown loss 'ms_accum:nope'; it is registered by "
+                                         r"vericar.analyses.seed_losses: import that module first"):
+        make_loss("ms_accum:nope")
+    assert isinstance(make_loss("ms_accum:detach"), AccumulatedMSLoss)
+    assert isinstance(make_loss("seed_hier_clamp").hierarchical, SeedHierarchicalLoss)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -55,6 +55,56 @@ def test_interrupted_run_resumes_to_the_same_result(synthcars_tiny, tmp_path):
     np.testing.assert_allclose(resumed.embeddings, full.embeddings, atol=2e-3)
 
 
+_RESUME_IN_A_FRESH_PROCESS = """
+import json
+import sys
+from pathlib import Path
+from vericar.config import TrainConfig
+from vericar.data import open_dataset
+from vericar.train import train
+root, run_dir, config = sys.argv[1], Path(sys.argv[2]), TrainConfig.from_json(json.loads(sys.argv[3]))
+cars = open_dataset("synthetic", root, synth_config="tiny", progress=False)
+before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+try:
+    train(cars, config, run_dir, progress=False)
+except ValueError as err:
+    print("ERROR", err)
+print("UNTOUCHED", {p.name: p.read_bytes() for p in run_dir.iterdir()} == before)
+print("CORE ONLY", not [m for m in sys.modules if m.startswith("vericar.analyses")])
+import vericar.analyses.seed_losses  # registers the seed's losses with vericar.losses
+print("EPOCHS", train(cars, config, run_dir, progress=False).history["epoch"].tolist())
+"""
+
+
+def test_a_seed_loss_run_resumes_in_a_fresh_process_once_its_module_is_imported(synthcars_tiny, tmp_path):
+    """The core does not know the seed's losses by itself: a fresh process refuses the interrupted run's loss
+    without touching the folder, naming the module to import; once it is imported the run resumes."""
+    import json
+    import subprocess
+    import sys
+
+    import vericar.analyses.seed_losses  # noqa: F401  (registers "ms_accum:*" in this process)
+
+    config = dataclasses.replace(TINY, loss="ms_accum:writeup_wrong_loop")
+
+    def stop_after_first_epoch(epoch, record):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(synthcars_tiny, config, tmp_path / "resumed", progress=False, callback=stop_after_first_epoch)
+    args = [str(synthcars_tiny.root), str(tmp_path / "resumed"), json.dumps(config.to_json())]
+    out = subprocess.run([sys.executable, "-c", _RESUME_IN_A_FRESH_PROCESS, *args], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "ERROR unknown loss 'ms_accum:writeup_wrong_loop'" in out.stdout
+    assert "import vericar.analyses.seed_losses" in out.stdout
+    assert "UNTOUCHED True" in out.stdout and "EPOCHS [1, 2, 3]" in out.stdout
+    assert "CORE ONLY True" in out.stdout  # training imported no analysis
+    full = train(synthcars_tiny, config, tmp_path / "full", progress=False)
+    np.testing.assert_allclose(load_run(tmp_path / "resumed").embeddings, full.embeddings, atol=2e-3)
+
+
 def test_finished_run_is_loaded_not_retrained(synthcars_tiny, tmp_path):
     train(synthcars_tiny, TINY, tmp_path / "r", progress=False)
     called = []

@@ -46,6 +46,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.samplers import MPerClassSampler
+from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
@@ -54,7 +55,7 @@ from .data import CarsDataset, Split, open_dataset
 from .embed import (augment, augment_normalized, cached_features, decode_images, embed_batches, l2_normalize,
                     normalize_float, resolve_device)
 from .evaluation import evaluate_embeddings
-from .losses import PROXY_LOSSES, level_label_matrix, make_loss
+from .losses import PROXY_LOSSES, check_loss_name, level_label_matrix, make_loss
 from .models import build_model, flip_average, split_backbone
 from .runio import atomic_path, data_fingerprint, load_checkpoint, save_checkpoint, write_json
 from .runs import (DAMAGED_CHECKPOINT, TrainedRun, existing_run, load_run, load_weights, model_state,
@@ -135,6 +136,11 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
     config, or trained on other data, raises :class:`RunConfigError` listing the differences; ``overwrite=True``
     deletes that run and trains anew. A finished run is never deleted otherwise.
 
+    ``config.loss`` must be a name :func:`vericar.losses.make_loss` knows in this process: a loss registered
+    by another module (e.g. the seed's, by :mod:`vericar.analyses.seed_losses`) needs that module imported
+    first, also to load or resume a run trained with it; otherwise ``ValueError`` (naming the module) before
+    the run folder is touched.
+
     Under DDP (a process group started by :func:`vericar.distributed.init_from_env`, e.g. under torchrun)
     ``config.batch_size`` is the global batch, each rank trains on its slice, and rank 0 alone evaluates,
     writes the run folder and calls ``callback``; see :mod:`vericar.distributed`.
@@ -149,28 +155,142 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
     if ddp.distributed:  # a single-process run's config.json stays as it was
         config_json["world_size"] = ddp.world_size
         distributed.check_batch_size(config.batch_size, config.m_per_class if config.sampler == "m_per_class" else None)
-    _check_sizes(config)
+    _check_config(config)
     state = existing_run(run_dir, config_json, resume=resume, overwrite=overwrite, is_main=ddp.is_main)
     if state == "finished":
         return load_run(run_dir, cars)
 
+    run = _setup(cars, config, split, train_labels, run_dir, config_json, cache_dir, progress)
+    ckpt_path = run_dir / "checkpoint.pt"
+    history, start_epoch = _resume(run, ckpt_path) if state == "resume" else ([], 0)
+
+    forward = distributed.wrap_model(distributed.TrainForward(run.model, run.inputs.tail), run.device)
+    bar = tqdm(range(start_epoch, config.epochs), desc="training", disable=not progress,
+               initial=start_epoch, total=config.epochs)
+    last_eval: tuple[int, np.ndarray | None] = (-1, None)  # (epoch, embeddings) of the latest evaluation
+    for epoch in bar:
+        record = _train_epoch(run, forward, epoch)
+        if ddp.is_main and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+            last_eval = (epoch + 1, run.inputs.embed_all())
+            record.update(run.evaluate(last_eval[1]))
+        history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", p1=f"{record.get('precision_at_1', float('nan')):.3f}")
+        if not ddp.is_main:
+            continue  # rank 0 alone checkpoints and calls back
+        _save_checkpoint(run, epoch + 1, history, ckpt_path)
+        if callback is not None:
+            callback(epoch + 1, record)
+
+    if not ddp.is_main:
+        distributed.barrier()  # wait for rank 0 to write the run folder
+        return load_run(run_dir, cars)
+    # the last epoch's evaluation already embedded every image with the final weights: reuse it
+    _write_run_folder(run, run_dir, history, last_eval[1] if last_eval[0] == config.epochs else None)
+    distributed.barrier()
+    return load_run(run_dir, cars)
+
+
+# ==================================================================================================
+# The helpers of train(): setup, resume, one epoch, the run folder
+# ==================================================================================================
+
+@dataclasses.dataclass
+class _Inputs:
+    """What training draws from and evaluation embeds, per mode (see the module docstring).
+
+    Fine-tune: ``images``, every image decoded once (uint8). Head-only / partial: ``cached``, the frozen trunk's
+    outputs (``flipped``: of the mirrored images, for augmentation and/or flip TTA), ``train_views`` the arrays a
+    training step draws each image's input from, and ``tail`` the trainable last stages (``Identity`` head-only).
+    """
+
+    model: nn.Module
+    config: TrainConfig
+    device: torch.device
+    progress: bool
+    images: torch.Tensor | None = None
+    cached: np.ndarray | None = None
+    flipped: np.ndarray | None = None
+    train_views: list[np.ndarray] = dataclasses.field(default_factory=list)
+    tail: nn.Module | None = None
+
+    def pooled_features(self) -> np.ndarray:
+        """The backbone's pooled features of every image (flip-averaged with TTA), L2-normalised."""
+        if self.cached is not None:
+            return l2_normalize(_apply_cached(lambda *x: _tta(self.tail, self.config, *x), self.device,
+                                              self.cached, self.flipped))
+        model = self.model
+        features = (lambda x: flip_average(model.features, x)) if self.config.flip_tta else model.features
+        return l2_normalize(embed_batches(features, self.images, model.spec, device=self.device,
+                                          amp=self.config.amp, progress=self.progress, desc="pooled features"))
+
+    def embed_all(self) -> np.ndarray:
+        """Embeddings of every image in eval mode (with train-time augmentation only if eval_augment)."""
+        model, config, spec = self.model, self.config, self.model.spec
+        model.eval()
+        if self.cached is not None:
+            return _apply_cached(lambda *x: _tta(lambda v: model.head(self.tail(v)), config, *x), self.device,
+                                 self.cached, self.flipped)
+        if config.eval_augment:
+            gen = torch.Generator().manual_seed(config.seed + 99)
+            return embed_batches(lambda x: model(augment_normalized(x, spec, gen)), self.images, spec,
+                                 device=self.device, amp=config.amp, progress=False, desc="embedding")
+        return embed_batches(model, self.images, spec, device=self.device, amp=config.amp, progress=False,
+                             desc="embedding")
+
+    def batch(self, rows: torch.Tensor, mine: slice, gen: torch.Generator) -> torch.Tensor:
+        """A training step's input for the images ``rows`` (this rank's share ``mine``), on the device."""
+        if self.cached is not None:
+            return _draw_views(self.train_views, rows.numpy(), gen)[mine].to(self.device)
+        xb = self.images[rows].to(self.device, non_blocking=True).float().div_(255)
+        if self.config.augment:
+            xb = augment(xb, gen)
+        return normalize_float(xb[mine], self.model.spec).contiguous(memory_format=torch.channels_last)
+
+
+@dataclasses.dataclass
+class _Run:
+    """One training run's working set, built by :func:`_setup`: what the epochs update and the run folder keeps."""
+
+    cars: CarsDataset
+    config: TrainConfig
+    config_json: dict[str, Any]
+    split: Split
+    device: torch.device
+    model: nn.Module
+    inputs: _Inputs
+    loss_fn: nn.Module
+    proxy_loss: bool
+    y_train: np.ndarray
+    level_labels: torch.Tensor | None
+    frozen: np.ndarray | None
+    frozen_metrics: dict[str, float]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    steps_per_epoch: int
+
+    def evaluate(self, emb: np.ndarray) -> dict[str, float]:
+        return _evaluate(emb, self.cars, self.split, self.config, self.device)
+
+
+def _evaluate(emb: np.ndarray, cars: CarsDataset, split: Split, config: TrainConfig,
+              device: torch.device) -> dict[str, float]:
+    """Retrieval metrics of embeddings of every image on ``split`` (:func:`vericar.evaluation.evaluate_embeddings`)."""
+    return evaluate_embeddings(emb, cars, split, k=config.eval_k, device=str(device))
+
+
+def _setup(cars: CarsDataset, config: TrainConfig, split: Split, train_labels: np.ndarray | None, run_dir: Path,
+           config_json: dict[str, Any], cache_dir: str | Path | None, progress: bool) -> _Run:
+    """Model, loss, inputs, the frozen baseline, optimiser and schedule of a run about to train (from epoch 0 or
+    before :func:`_resume`); writes ``config.json``. The order is fixed: each step draws from the seeded RNG."""
+    ddp = distributed.context()
     device = distributed.device_for(resolve_device(config.device))
-    seed_everything(config.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    model = build_model(config.backbone, config.embedding_dim, pretrained=config.pretrained,
-                        dropout=config.dropout, hidden_dim=config.hidden_dim, flip_tta=config.flip_tta)
-    if ddp.distributed and ddp.sync_batchnorm:  # before split_backbone takes references to submodules
-        model = distributed.convert_sync_batchnorm(model, device)
-    spec = model.spec
+    model = _setup_model(config, device)
     if ddp.is_main:
         # a finished run with another config is being replaced: its results must not outlive it (a crash
         # before the end would otherwise leave the new config.json beside the old run's metrics)
         (run_dir / "metrics.json").unlink(missing_ok=True)
         write_json(run_dir / "config.json", config_json)
-
-    labels_all = cars.labels
-    y_train = labels_all[split.train] if train_labels is None else np.asarray(train_labels, dtype=np.int64)
+    y_train = cars.labels[split.train] if train_labels is None else np.asarray(train_labels, dtype=np.int64)
     if len(y_train) != len(split.train):
         raise ValueError(f"train_labels has {len(y_train)} entries for {len(split.train)} training images")
     proxy_loss = config.loss in PROXY_LOSSES
@@ -179,188 +299,168 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
     loss_fn = distributed.wrap_loss(make_loss(config.loss, **loss_kwargs)).to(device)
     level_labels = (torch.from_numpy(level_label_matrix(y_train, cars.hierarchy))
                     if getattr(loss_fn, "needs_level_labels", False) else None)
+    inputs = _setup_inputs(cars, config, model, device, cache_dir, progress)
+    frozen = inputs.pooled_features() if ddp.is_main else None
+    frozen_metrics = _evaluate(frozen, cars, split, config, device) if ddp.is_main else {}
+    optimizer, scheduler, steps_per_epoch = _setup_optimiser(model, loss_fn, config, y_train)
+    return _Run(cars, config, config_json, split, device, model, inputs, loss_fn, proxy_loss, y_train, level_labels,
+                frozen, frozen_metrics, optimizer, scheduler, steps_per_epoch)
 
-    # ---- inputs: decoded images (fine-tune) or cached frozen-trunk outputs (head-only / partial) ----------
-    if config.eval_augment and not config.train_backbone:
-        raise ValueError("eval_augment reproduces evaluating with train-time image augmentation; it needs "
-                         "train_backbone=True (head-only and partial runs evaluate cached features)")
-    tail = None
+
+def _setup_model(config: TrainConfig, device: torch.device) -> nn.Module:
+    """The seeded, freshly built embedding model (synchronised batch norm under DDP if asked), on the CPU."""
+    ddp = distributed.context()
+    seed_everything(config.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model = build_model(config.backbone, config.embedding_dim, pretrained=config.pretrained,
+                        dropout=config.dropout, hidden_dim=config.hidden_dim, flip_tta=config.flip_tta)
+    if ddp.distributed and ddp.sync_batchnorm:  # before split_backbone takes references to submodules
+        model = distributed.convert_sync_batchnorm(model, device)
+    return model
+
+
+def _setup_inputs(cars: CarsDataset, config: TrainConfig, model: nn.Module, device: torch.device,
+                  cache_dir: str | Path | None, progress: bool) -> _Inputs:
+    """Decoded images (fine-tune) or the frozen trunk's cached outputs (head-only / partial); moves ``model`` to
+    ``device`` and freezes its trunk in the cached modes."""
+    spec = model.spec
     if config.train_backbone:
-        images = decode_images(cars, np.arange(len(cars)), config.image_size, spec.interpolation,
-                               progress=progress)
-        model = model.to(device).to(memory_format=torch.channels_last).eval()
-        features = (lambda x: flip_average(model.features, x)) if config.flip_tta else model.features
-        def pooled_features() -> np.ndarray:
-            """The backbone's pooled features of every image (flip-averaged with TTA), L2-normalised."""
-            return l2_normalize(embed_batches(features, images, spec, device=device, amp=config.amp,
-                                              progress=progress, desc="pooled features"))
+        images = decode_images(cars, np.arange(len(cars)), config.image_size, spec.interpolation, progress=progress)
+        model.to(device).to(memory_format=torch.channels_last).eval()
+        return _Inputs(model, config, device, progress, images=images)
+    # Cache the trunk before the last stage even for head-only runs: head-only then applies the frozen
+    # tail once, and head-only and last-stage runs share one pass over the images.
+    cache_stages = config.trainable_stages or _default_cache_stages(model.backbone)
+    trunk, tail = split_backbone(model.backbone, cache_stages)
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    if cache_dir is None:
+        import tempfile
+        cache_dir = tempfile.mkdtemp(prefix="vericar-features-")
+    kw = dict(tag=f"trunk-{cache_stages}", device=device, progress=progress)
+    mirrored = config.augment or config.flip_tta  # mirrored images' features: augmentation and/or TTA
+    with distributed.main_first():  # rank 0 writes the feature cache, the others then read it
+        features = cached_features(cars, trunk, spec, config.image_size, cache_dir,
+                                   flips=(False, True) if mirrored else (False,),
+                                   augment_views=config.aug_views if config.augment else 0, **kw)
+        cached, flipped = features[0], (features[1] if mirrored else None)
+        extra_views = features[2 if mirrored else 1:]
+    model.to(device).eval()
+    if config.trainable_stages == 0 and cache_stages > 0:  # head only: pool through the frozen tail once
+        cached = _apply_cached(tail, device, cached)
+        flipped = _apply_cached(tail, device, flipped) if flipped is not None else None
+        extra_views = [_apply_cached(tail, device, v) for v in extra_views]
+        tail = torch.nn.Identity()
+    # what a training step draws from, per image: plain, mirrored (augment) and the augmented views
+    train_views = [cached] + ([flipped] if flipped is not None and config.augment else []) + extra_views
+    for p in tail.parameters():
+        p.requires_grad_(True)
+    return _Inputs(model, config, device, progress, cached=cached, flipped=flipped, train_views=train_views,
+                   tail=tail)
 
-        frozen = pooled_features() if ddp.is_main else None
-        cached = flipped = None
-    else:
-        # Cache the trunk before the last stage even for head-only runs: head-only then applies the frozen
-        # tail once, and head-only and last-stage runs share one pass over the images.
-        cache_stages = config.trainable_stages or _default_cache_stages(model.backbone)
-        trunk, tail = split_backbone(model.backbone, cache_stages)
-        for p in model.backbone.parameters():
-            p.requires_grad_(False)
-        if cache_dir is None:
-            import tempfile
-            cache_dir = tempfile.mkdtemp(prefix="vericar-features-")
-        kw = dict(tag=f"trunk-{cache_stages}", device=device, progress=progress)
-        mirrored = config.augment or config.flip_tta  # mirrored images' features: augmentation and/or TTA
-        with distributed.main_first():  # rank 0 writes the feature cache, the others then read it
-            features = cached_features(cars, trunk, spec, config.image_size, cache_dir,
-                                       flips=(False, True) if mirrored else (False,),
-                                       augment_views=config.aug_views if config.augment else 0, **kw)
-            cached, flipped = features[0], (features[1] if mirrored else None)
-            extra_views = features[2 if mirrored else 1:]
-        images = None
-        model = model.to(device).eval()
-        if config.trainable_stages == 0 and cache_stages > 0:  # head only: pool through the frozen tail once
-            cached = _apply_cached(tail, device, cached)
-            flipped = _apply_cached(tail, device, flipped) if flipped is not None else None
-            extra_views = [_apply_cached(tail, device, v) for v in extra_views]
-            tail = torch.nn.Identity()
-        # what a training step draws from, per image: plain, mirrored (augment) and the augmented views
-        train_views = [cached] + ([flipped] if flipped is not None and config.augment else []) + extra_views
-        for p in tail.parameters():
-            p.requires_grad_(True)
-        def pooled_features() -> np.ndarray:
-            """The backbone's pooled features of every image (flip-averaged with TTA), L2-normalised."""
-            return l2_normalize(_apply_cached(lambda *x: _tta(tail, config, *x), device, cached, flipped))
 
-        frozen = pooled_features() if ddp.is_main else None
-
-    def embed_all() -> np.ndarray:
-        """Embeddings of every image in eval mode (with train-time augmentation only if eval_augment)."""
-        model.eval()
-        if cached is not None:
-            return _apply_cached(lambda *x: _tta(lambda v: model.head(tail(v)), config, *x), device, cached, flipped)
-        if config.eval_augment:
-            gen = torch.Generator().manual_seed(config.seed + 99)
-            return embed_batches(lambda x: model(augment_normalized(x, spec, gen)), images, spec,
-                                 device=device, amp=config.amp, progress=False, desc="embedding")
-        return embed_batches(model, images, spec, device=device, amp=config.amp, progress=False, desc="embedding")
-
-    def evaluate(emb: np.ndarray) -> dict[str, float]:
-        return evaluate_embeddings(emb, cars, split, k=config.eval_k, device=str(device))
-
-    frozen_metrics = evaluate(frozen) if ddp.is_main else {}
+def _setup_optimiser(model: nn.Module, loss_fn: nn.Module, config: TrainConfig, y_train: np.ndarray
+                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, int]:
+    """AdamW over the model's parameter groups (and a proxy loss's class vectors at ``proxy_lr``), its warm-up +
+    cosine schedule over all the run's steps, and the number of steps per epoch."""
     params = model.param_groups(config.backbone_lr, config.head_lr, config.weight_decay)
-    if proxy_loss:
+    if config.loss in PROXY_LOSSES:
         params.append({"name": "proxies", "params": list(loss_fn.parameters()), "lr": config.proxy_lr,
                        "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(params)
     steps_per_epoch = len(epoch_batches(y_train, config, 0))
     total = steps_per_epoch * config.epochs
     scheduler = lr_scheduler(optimizer, total, int(round(config.warmup_epochs * steps_per_epoch)))
+    return optimizer, scheduler, steps_per_epoch
 
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    ckpt_path = run_dir / "checkpoint.pt"
-    if state == "resume":
-        ckpt = load_checkpoint(ckpt_path, device, fix=DAMAGED_CHECKPOINT)
-        refuse_other_config(run_dir, ckpt.get("config") or {}, config_json, "an interrupted run")
-        load_weights(model, ckpt["model"])
-        if proxy_loss:
-            loss_fn.load_state_dict(ckpt["loss"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        restore_scheduler(scheduler, ckpt["scheduler"])
-        history, start_epoch = ckpt["history"], ckpt["epoch"]
 
-    forward = distributed.wrap_model(distributed.TrainForward(model, tail if cached is not None else None), device)
-    train_rows = torch.from_numpy(split.train)
-    y_train_t = torch.from_numpy(y_train)
+def _resume(run: _Run, ckpt_path: Path) -> tuple[list[dict[str, Any]], int]:
+    """Load an interrupted run's checkpoint into ``run`` (weights, proxies, optimiser, schedule); its history
+    and the number of epochs done. Refuses a checkpoint of another config."""
+    ckpt = load_checkpoint(ckpt_path, run.device, fix=DAMAGED_CHECKPOINT)
+    refuse_other_config(ckpt_path.parent, ckpt.get("config") or {}, run.config_json, "an interrupted run")
+    load_weights(run.model, ckpt["model"])
+    if run.proxy_loss:
+        run.loss_fn.load_state_dict(ckpt["loss"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    restore_scheduler(run.scheduler, ckpt["scheduler"])
+    return ckpt["history"], ckpt["epoch"]
+
+
+def _train_epoch(run: _Run, forward: nn.Module, epoch: int) -> dict[str, Any]:
+    """One epoch of optimiser steps (0-based ``epoch``); its history record: mean loss, time, images, learning
+    rates. Seeded from the config's seed and the epoch, so a resumed run equals an uninterrupted one."""
+    config, model, device = run.config, run.model, run.device
+    torch.manual_seed(config.seed * 7919 + epoch)  # dropout; makes resumed runs equal uninterrupted ones
+    gen = torch.Generator().manual_seed(config.seed * 104_729 + epoch)
+    model.train()
+    if not config.train_backbone:
+        model.backbone.eval()  # frozen trunk; the trainable tail (if any) trains its norms
+        run.inputs.tail.train()
+    train_rows, y_train = torch.from_numpy(run.split.train), torch.from_numpy(run.y_train)
+    world_size = distributed.context().world_size
+    losses = []
+    t0 = time.perf_counter()
+    n_images = 0
+    for positions in epoch_batches(run.y_train, config, epoch):
+        pos = torch.from_numpy(positions)
+        rows = train_rows[pos]
+        mine = distributed.rank_slice(len(rows))  # this rank's share of the global batch (all of it alone)
+        y = y_train[pos][mine].to(device)
+        x = run.inputs.batch(rows, mine, gen)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=_autocast(config, device)):
+            emb = forward(x)
+        emb = emb.float()
+        level = run.level_labels[pos][mine].to(device) if run.level_labels is not None else None
+        loss = run.loss_fn(emb, y, level_labels=level)
+        run.optimizer.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+        run.optimizer.step()
+        run.scheduler.step()
+        losses.append(float(loss.detach()) / world_size)  # DistributedLoss returns world_size x
+        n_images += len(rows)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": seconds, "images": n_images,
+            "images_per_second": n_images / max(seconds, 1e-9),
+            **{f"lr_{g['name']}": g["lr"] for g in run.optimizer.param_groups}}
+
+
+def _save_checkpoint(run: _Run, epochs_done: int, history: list[dict[str, Any]], ckpt_path: Path) -> None:
+    save_checkpoint({"model": model_state(run.model), "optimizer": run.optimizer.state_dict(),
+                     "scheduler": run.scheduler.state_dict(), "epoch": epochs_done, "history": history,
+                     "config": run.config_json, "model_config": run.model.config,
+                     **({"loss": run.loss_fn.state_dict()} if run.proxy_loss else {})}, ckpt_path)
+
+
+def _write_run_folder(run: _Run, run_dir: Path, history: list[dict[str, Any]], trained: np.ndarray | None) -> None:
+    """The final evaluation and the run folder's results: ``history.csv``, ``embeddings.npz``, ``proxies.npz``
+    (proxy losses), then ``metrics.json``. ``trained``: the final weights' embeddings if already computed."""
+    config, device = run.config, run.device
+    trained = trained if trained is not None else run.inputs.embed_all()
+    final = run.evaluate(trained)
     train_seconds = sum(h.get("seconds", 0.0) for h in history)
     images_seen = sum(h.get("images", 0) for h in history)
-    bar = tqdm(range(start_epoch, config.epochs), desc="training", disable=not progress,
-               initial=start_epoch, total=config.epochs)
-    last_eval: tuple[int, np.ndarray | None] = (-1, None)  # (epoch, embeddings) of the latest evaluation
-    for epoch in bar:
-        torch.manual_seed(config.seed * 7919 + epoch)  # dropout; makes resumed runs equal uninterrupted ones
-        gen = torch.Generator().manual_seed(config.seed * 104_729 + epoch)
-        model.train()
-        if not config.train_backbone:
-            model.backbone.eval()  # frozen trunk; the trainable tail (if any) trains its norms
-            tail.train()
-        losses = []
-        t0 = time.perf_counter()
-        n_images = 0
-        for positions in epoch_batches(y_train, config, epoch):
-            pos = torch.from_numpy(positions)
-            rows = train_rows[pos]
-            mine = distributed.rank_slice(len(rows))  # this rank's share of the global batch (all of it alone)
-            y = y_train_t[pos][mine].to(device)
-            if cached is not None:
-                x = _draw_views(train_views, rows.numpy(), gen)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=_autocast(config, device)):
-                    emb = forward(x[mine].to(device))
-                emb = emb.float()
-            else:
-                xb = images[rows].to(device, non_blocking=True).float().div_(255)
-                if config.augment:
-                    xb = augment(xb, gen)
-                xb = normalize_float(xb[mine], spec).contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=_autocast(config, device)):
-                    emb = forward(xb)
-                emb = emb.float()
-            level = level_labels[pos][mine].to(device) if level_labels is not None else None
-            loss = loss_fn(emb, y, level_labels=level)
-            optimizer.zero_grad(set_to_none=True)
-            if loss.requires_grad:
-                loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss.detach()) / ddp.world_size)  # DistributedLoss returns world_size x
-            n_images += len(rows)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        train_seconds += seconds
-        images_seen += n_images
-        record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": seconds, "images": n_images,
-                  "images_per_second": n_images / max(seconds, 1e-9),
-                  **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
-        if ddp.is_main and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
-            last_eval = (epoch + 1, embed_all())
-            record.update(evaluate(last_eval[1]))
-        history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", p1=f"{record.get('precision_at_1', float('nan')):.3f}")
-        if not ddp.is_main:
-            continue  # rank 0 alone checkpoints and calls back
-        save_checkpoint({"model": model_state(model), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
-                         "config": config_json, "model_config": model.config,
-                         **({"loss": loss_fn.state_dict()} if proxy_loss else {})}, ckpt_path)
-        if callback is not None:
-            callback(epoch + 1, record)
-
-    if not ddp.is_main:
-        distributed.barrier()  # wait for rank 0 to write the run folder
-        return load_run(run_dir, cars)
-    # the last epoch's evaluation already embedded every image with the final weights: reuse it
-    trained = last_eval[1] if last_eval[0] == config.epochs else embed_all()
-    final = evaluate(trained)
     import resource  # ru_maxrss is in KiB on Linux: the process's peak resident memory so far
-    metrics = {"frozen": frozen_metrics, "trained": final, "train_seconds": train_seconds,
+    metrics = {"frozen": run.frozen_metrics, "trained": final, "train_seconds": train_seconds,
                "peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                "images_per_second": images_seen / max(train_seconds, 1e-9), "device": _device_name(device),
-               "steps_per_epoch": steps_per_epoch, "train_images": len(split.train)}
+               "steps_per_epoch": run.steps_per_epoch, "train_images": len(run.split.train)}
     with atomic_path(run_dir / "history.csv") as tmp:
         pd.DataFrame(history).to_csv(tmp, index=False)
-    model.eval()
-    pooled = {"pooled": pooled_features().astype(np.float16)} if config.save_pooled else {}
+    run.model.eval()
+    pooled = {"pooled": run.inputs.pooled_features().astype(np.float16)} if config.save_pooled else {}
     with atomic_path(run_dir / "embeddings.npz", suffix=".npz") as tmp:
-        np.savez_compressed(tmp, trained=trained.astype(np.float16), frozen=frozen.astype(np.float16),
-                            labels=labels_all, **pooled, **split_arrays(split))
-    if proxy_loss:  # the class vectors: class scores (MSP, max logit, energy) for open-set recognition
+        np.savez_compressed(tmp, trained=trained.astype(np.float16), frozen=run.frozen.astype(np.float16),
+                            labels=run.cars.labels, **pooled, **split_arrays(run.split))
+    if run.proxy_loss:  # the class vectors: class scores (MSP, max logit, energy) for open-set recognition
         with atomic_path(run_dir / "proxies.npz", suffix=".npz") as tmp:
-            np.savez(tmp, classes=loss_fn.classes.cpu().numpy(), proxies=loss_fn.proxies().cpu().numpy(),
-                     scale=loss_fn.scale, kind=config.loss)
+            np.savez(tmp, classes=run.loss_fn.classes.cpu().numpy(), proxies=run.loss_fn.proxies().cpu().numpy(),
+                     scale=run.loss_fn.scale, kind=config.loss)
     write_json(run_dir / "metrics.json", metrics)  # last: its presence marks the run finished
-    distributed.barrier()
-    return load_run(run_dir, cars)
 
 
 def _autocast(config: TrainConfig, device: torch.device) -> bool:
@@ -414,6 +514,16 @@ def _device_name(device: torch.device) -> str:
         return f"cuda ({torch.cuda.get_device_name(device)})"
     import os
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _check_config(config: TrainConfig) -> None:
+    """Refuse, before the run folder is touched, a config that cannot train: sizes, eval_augment without
+    fine-tuning, a loss name :func:`vericar.losses.make_loss` does not know (yet) in this process."""
+    _check_sizes(config)
+    if config.eval_augment and not config.train_backbone:
+        raise ValueError("eval_augment reproduces evaluating with train-time image augmentation; it needs "
+                         "train_backbone=True (head-only and partial runs evaluate cached features)")
+    check_loss_name(config.loss)
 
 
 def _check_sizes(config: TrainConfig) -> None:

@@ -4,7 +4,7 @@ The seed (a public re-implementation) reported being stuck at 0.20% accuracy "wh
 blamed its loss accumulation (``loss = loss + sample_loss`` "severs the computational graph"). It also had
 three other suspects, each reproduced here so that one training grid can measure them side by side:
 
-* **Loss accumulation** (:data:`vericar.losses.ACCUMULATION_VARIANTS`): the write-up's "wrong" loop, its
+* **Loss accumulation** (:data:`vericar.analyses.seed_losses.ACCUMULATION_VARIANTS`): the write-up's "wrong" loop, its
   "fix" and the accumulations that really cut the graph, as ``make_loss("ms_accum:<variant>")``.
 * **Plain shuffled batches** (``TrainConfig(sampler="shuffle")``) instead of class-balanced ones
   (``MPerClassSampler``): :func:`positive_coverage` measures how many anchors of a batch have a positive at all.
@@ -16,7 +16,11 @@ three other suspects, each reproduced here so that one training grid can measure
 :func:`comparison_variants` names the grid, :func:`run_comparison` trains it (one run folder per variant,
 ``<run_dir>/models/02_<variant>``, reused when finished), :func:`classify_outcomes` turns the final metrics
 into verdicts (breaks / slows / no change), and :func:`gradient_verdicts` does the same for one batch's
-gradients (:func:`vericar.losses.gradient_report`).
+gradients (:func:`vericar.analyses.seed_losses.gradient_report`).
+
+Importing this module imports :mod:`.seed_losses`, which registers the seed's losses (``"ms_accum:<variant>"``,
+``"seed_hier_clamp"``) with :func:`vericar.losses.make_loss`, so that :func:`run_comparison` trains, and resumes,
+their run folders in any process.
 
 The label corruption
 --------------------
@@ -51,10 +55,10 @@ import pandas as pd
 import torch
 
 from ..data import CarsDataset, Split
-from ..losses import ACCUMULATION_VARIANTS, GRAPH_CUTTING_VARIANTS, GRAPH_PRESERVING_VARIANTS, RAISING_VARIANTS
 from ..metrics import wilson_interval
 from ..results import results_entry
 from ..retrieval import KNNIndex
+from .seed_losses import ACCUMULATION_VARIANTS, GRAPH_CUTTING_VARIANTS, GRAPH_PRESERVING_VARIANTS, RAISING_VARIANTS
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -315,7 +319,7 @@ def comparison_variants(accumulation: Iterable[str] | None = None,
                         suspects: Iterable[str] = tuple(SUSPECTS)) -> list[Variant]:
     """The grid: the pml MS reference, the accumulation variants, then the other suspects.
 
-    ``accumulation``: names from :data:`vericar.losses.ACCUMULATION_VARIANTS` (default all), each trained as
+    ``accumulation``: names from :data:`.seed_losses.ACCUMULATION_VARIANTS` (default all), each trained as
     ``loss="ms_accum:<name>"`` (variant name ``"accum:<name>"``). ``suspects``: names from :data:`SUSPECTS`;
     ``"eval_augment"`` adds two fine-tune runs, ``"finetune"`` (eval transforms, its reference) and
     ``"finetune_eval_augment"``.
@@ -551,7 +555,7 @@ def verdict_groups(outcomes: pd.DataFrame) -> dict[str, list[str]]:
 
 
 def expected_gradient_verdict(variant: str) -> str:
-    """What :mod:`vericar.losses` establishes for an accumulation variant (its tests): the notebook's claim."""
+    """What :mod:`.seed_losses` establishes for an accumulation variant (its tests): the notebook's claim."""
     if variant in GRAPH_PRESERVING_VARIANTS:
         return "same gradient as pml"
     if variant in GRAPH_CUTTING_VARIANTS:
@@ -562,7 +566,7 @@ def expected_gradient_verdict(variant: str) -> str:
 
 
 def gradient_verdicts(report: pd.DataFrame, *, rtol: float = 1e-3) -> pd.DataFrame:
-    """Classify each row of :func:`vericar.losses.gradient_report` from its measured numbers.
+    """Classify each row of :func:`.seed_losses.gradient_report` from its measured numbers.
 
     ``raises`` (an error), ``no gradient reaches the model`` (neither backbone nor head gets a non-zero
     gradient), ``same gradient as pml`` (cosine with the reference > 1 - rtol and relative difference < rtol
@@ -607,7 +611,7 @@ def gradient_check_lines(report: pd.DataFrame) -> list[str]:
                   f"head {r['grad_norm_head']:.3g} (pml {ref['grad_norm_backbone']:.3g} / {ref['grad_norm_head']:.3g})")
         lines.append(f"{r['variant']:>18}: {r['verdict']:<30} {detail}")
     mismatch = report[(report["role"] == "variant") & (report["verdict"] != report["expected"])]
-    lines.append("\nagrees with vericar.losses' tested classification: "
+    lines.append("\nagrees with vericar.analyses.seed_losses' tested classification: "
                  + ("yes" if mismatch.empty else f"NO for {list(mismatch['variant'])}"))
     if "writeup_wrong_loop" in set(report["variant"]):
         wl = report.set_index("variant").loc["writeup_wrong_loop"]

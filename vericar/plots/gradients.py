@@ -36,7 +36,7 @@ def _color(verdict: str) -> str:
 def gradient_norms_figure(report: pd.DataFrame, title: str = ""):
     """Loss value and gradient norm reaching the backbone and the head, per accumulation variant, on one batch.
 
-    ``report``: :func:`vericar.analyses.gradient_bug.gradient_verdicts` of :func:`vericar.losses.gradient_report`
+    ``report``: :func:`vericar.analyses.gradient_bug.gradient_verdicts` of :func:`vericar.analyses.seed_losses.gradient_report`
     (needs ``verdict``). Bars coloured by verdict; a variant with no gradient is marked "0", one that raises
     "raises".
     """
