@@ -542,3 +542,20 @@ def test_proxy_losses_learn_one_proxy_per_class(name):
         loss_fn(emb, torch.full((32,), 4))
     with pytest.raises(ValueError, match="proxy loss: pass classes"):
         make_loss(name)
+
+
+def test_loss_providers_name_exactly_what_the_analysis_module_registers():
+    """The core's error table (which module registers which loss) must match what that module registers."""
+    import importlib
+
+    from vericar import losses
+    for module in set(losses.LOSS_PROVIDERS.values()):
+        importlib.import_module(module)
+    registered = {n: b.__module__ for n, b in losses.LOSSES.items() if b.__module__ != "vericar.losses"}
+    assert registered, "importing the providers registered nothing"
+    for name, module in registered.items():
+        prefixes = [p for p in losses.LOSS_PROVIDERS if name == p or (p.endswith(":") and name.startswith(p))]
+        assert prefixes, f"{name} (registered by {module}) is missing from LOSS_PROVIDERS"
+        assert losses.LOSS_PROVIDERS[prefixes[0]] == module, (name, module)
+    for prefix in losses.LOSS_PROVIDERS:
+        assert any(n == prefix or (prefix.endswith(":") and n.startswith(prefix)) for n in registered), prefix
