@@ -128,6 +128,28 @@ def test_publish_copies_the_executed_notebooks(tmp_path):
     assert nbformat.read(repo / "notebooks" / "01_eda.ipynb", 4).metadata["papermill"]["parameters"]["quick"] is False
 
 
+def test_publish_writes_what_the_run_cost(tmp_path):
+    """reference_cost.json: notebooks' papermill durations + every model's train_seconds, summed."""
+    run, repo = tmp_path / "run", tmp_path / "repo"
+    (run / "results").mkdir(parents=True)
+    (run / "results" / "03_training.json").write_text(json.dumps({"dataset": "stanford_cars"}))
+    _executed(run / "notebooks" / "03_training.ipynb")
+    nb = nbformat.read(run / "notebooks" / "03_training.ipynb", 4)
+    nb.metadata["papermill"]["duration"] = 600.0
+    nbformat.write(nb, run / "notebooks" / "03_training.ipynb")
+    for name, seconds in (("official", 3000.0), ("seed", 1800.0)):
+        (run / "models" / name).mkdir(parents=True)
+        (run / "models" / name / "metrics.json").write_text(json.dumps({"train_seconds": seconds}))
+    (run / "models" / "unfinished").mkdir()  # no metrics.json: not counted
+    (repo / "notebooks").mkdir(parents=True)
+    study.publish(run, project_root=repo)
+    cost = json.loads((repo / "results" / "reference_cost.json").read_text())
+    assert cost["train_seconds"] == {"official": 3000.0, "seed": 1800.0}
+    assert cost["notebook_seconds"] == {"03_training": 600.0}
+    assert cost["metrics"]["total_hours"] == pytest.approx(5400 / 3600)
+    assert cost["dataset"] == "stanford_cars" and cost["device"].startswith("cpu (")
+
+
 @pytest.mark.parametrize("bad", [{"quick": True}, {"dataset": "synthetic"}, {"exception": True}])
 def test_publish_refuses_notebooks_not_of_the_full_real_run(tmp_path, bad):
     run = tmp_path / "run"

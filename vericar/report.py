@@ -26,11 +26,13 @@ HEADLINE = {
     "04_embeddings_umap": ["purity_query_frozen_model", "purity_query_trained_model", "purity_query_trained_make",
                            "open_world_trained_heldout_class_purity"],
     "05_error_analysis": ["precision_at_1", "frozen_precision_at_1", "accuracy_make", "n_errors"],
+    "reference_cost": ["total_hours", "training_seconds", "notebooks_seconds", "models"],
     "06_ood": ["fpr95", "auroc", "aupr", "oscr", "closed_set_accuracy", "new_precision_at_1",
                "known_precision_at_1_before", "known_precision_at_1_after", "new_accepted"],
 }
 COUNT_METRICS = {"images", "classes", "makes", "near_duplicate_pairs", "near_duplicates_cross_class",
-                 "train_seconds", "images_per_second", "n_errors", "n_queries"}
+                 "train_seconds", "images_per_second", "n_errors", "n_queries", "notebooks_seconds",
+                 "training_seconds"}
 
 
 #: Words that make a metric a rate (a share of queries, images or pairs), shown in percent. Everything else

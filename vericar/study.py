@@ -137,6 +137,28 @@ def run_notebook(notebook: Path, output: Path, parameters: dict[str, Any], *, pr
     return time.perf_counter() - start
 
 
+def run_cost(run_dir: Path) -> dict[str, Any]:
+    """What a study run cost in CPU time: each executed notebook's papermill duration and each model's
+    ``train_seconds`` (its training loop; trained ahead by ``scripts/reference_models.py`` or inside the
+    notebook that owns it). The notebooks' durations include loading (not retraining) the models found finished,
+    so the two add up without counting a training twice; the one-off trunk-feature caches are in the
+    notebooks' or the training calls' wall time, not in ``train_seconds``."""
+    import json
+
+    notebooks = {}
+    for nb in sorted((run_dir / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        notebooks[nb.stem] = float(json.loads(nb.read_text())["metadata"].get("papermill", {}).get("duration") or 0)
+    models = {}
+    for metrics in sorted((run_dir / "models").glob("*/metrics.json")):
+        seconds = json.loads(metrics.read_text()).get("train_seconds")
+        if seconds is not None:
+            models[metrics.parent.name] = float(seconds)
+    total = sum(notebooks.values()) + sum(models.values())
+    return {"notebook_seconds": notebooks, "train_seconds": models,
+            "metrics": {"notebooks_seconds": sum(notebooks.values()), "training_seconds": sum(models.values()),
+                        "total_hours": total / 3600, "models": len(models), "notebooks": len(notebooks)}}
+
+
 def publish(run_dir: Path, project_root: Path = PROJECT_ROOT) -> list[Path]:
     """Copy a run's figures, results and executed notebooks into the repository's ``figures/``, ``results/`` and
     ``notebooks/`` (the reference run: the committed notebooks are its executed copies, outputs kept)."""
@@ -154,6 +176,11 @@ def publish(run_dir: Path, project_root: Path = PROJECT_ROOT) -> list[Path]:
             raise SystemExit(f"refusing to publish {nb}: the published notebooks are the full profile's, executed "
                              f"on real data without errors (parameters: dataset={params.get('dataset')!r}, "
                              f"quick={params.get('quick')!r}, exception={meta.get('exception')!r})")
+    from .results import write_results
+    cost = run_cost(run_dir)
+    write_results(run_dir, "reference_cost", {"dataset": "stanford_cars", "device": f"cpu ({os.cpu_count()} cores)", **cost},
+                  note="CPU time of the run: papermill durations of the executed notebooks + train_seconds of "
+                       "every model in its models/ folder (wall seconds on the device named)")
     copied = []
     for nb in executed:
         shutil.copy2(nb, project_root / "notebooks" / nb.name)
