@@ -130,7 +130,7 @@ def default_run(roots: Sequence[Path] = DEFAULT_RUN_ROOTS) -> tuple[Path, str]:
     """
     runs = find_runs(roots)
     real = [r for r in runs if not is_synthetic(r)]
-    how = ("make a real Stanford Cars identifier with `make identifier` (about 25 min on 2 cores) or "
+    how = ("make a real Stanford Cars identifier with `make identifier` or "
            "`python -m vericar.identify`, then `python -m vericar.app --run runs/full/models/official`")
     if real:
         return real[0], f"serving the newest real-data run {real[0]}"
