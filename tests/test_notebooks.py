@@ -5,7 +5,9 @@ The notebooks share one run folder, as in a real study run: 03 trains the models
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import math
 import re
 
@@ -129,24 +131,29 @@ def test_publish_copies_the_executed_notebooks(tmp_path):
 
 
 def test_publish_writes_what_the_run_cost(tmp_path):
-    """reference_cost.json: notebooks' papermill durations + every model's train_seconds, summed."""
+    """reference_cost.json: notebooks' papermill durations + the train_seconds of models trained outside them."""
     run, repo = tmp_path / "run", tmp_path / "repo"
     (run / "results").mkdir(parents=True)
     (run / "results" / "03_training.json").write_text(json.dumps({"dataset": "stanford_cars"}))
     _executed(run / "notebooks" / "03_training.ipynb")
     nb = nbformat.read(run / "notebooks" / "03_training.ipynb", 4)
-    nb.metadata["papermill"]["duration"] = 600.0
+    nb.metadata["papermill"].update(duration=600.0, start_time="2026-01-01T10:00:00+00:00",
+                                    end_time="2026-01-01T10:10:00+00:00")
     nbformat.write(nb, run / "notebooks" / "03_training.ipynb")
-    for name, seconds in (("official", 3000.0), ("seed", 1800.0)):
+    for name, seconds in (("official", 3000.0), ("seed", 1800.0), ("07_ms_seed", 100.0), ("alongside", 900.0)):
         (run / "models" / name).mkdir(parents=True)
         (run / "models" / name / "metrics.json").write_text(json.dumps({"train_seconds": seconds}))
+    inside = datetime.datetime(2026, 1, 1, 10, 5, tzinfo=datetime.timezone.utc).timestamp()
+    os.utime(run / "models" / "07_ms_seed" / "metrics.json", (inside, inside))  # trained while 03 ran
+    os.utime(run / "models" / "alongside" / "metrics.json", (inside, inside))  # finished then, began before 03
     (run / "models" / "unfinished").mkdir()  # no metrics.json: not counted
     (repo / "notebooks").mkdir(parents=True)
     study.publish(run, project_root=repo)
     cost = json.loads((repo / "results" / "reference_cost.json").read_text())
-    assert cost["train_seconds"] == {"official": 3000.0, "seed": 1800.0}
+    assert cost["train_seconds_ahead"] == {"official": 3000.0, "seed": 1800.0, "alongside": 900.0}
+    assert cost["train_seconds_in_notebooks"] == {"07_ms_seed": 100.0}  # in the notebook's duration already
     assert cost["notebook_seconds"] == {"03_training": 600.0}
-    assert cost["metrics"]["total_hours"] == pytest.approx(5400 / 3600)
+    assert cost["metrics"]["total_hours"] == pytest.approx((600 + 3000 + 1800 + 900) / 3600)
     assert cost["dataset"] == "stanford_cars" and cost["device"].startswith("cpu (")
 
 

@@ -138,25 +138,31 @@ def run_notebook(notebook: Path, output: Path, parameters: dict[str, Any], *, pr
 
 
 def run_cost(run_dir: Path) -> dict[str, Any]:
-    """What a study run cost in CPU time: each executed notebook's papermill duration and each model's
-    ``train_seconds`` (its training loop; trained ahead by ``scripts/reference_models.py`` or inside the
-    notebook that owns it). The notebooks' durations include loading (not retraining) the models found finished,
-    so the two add up without counting a training twice; the one-off trunk-feature caches are in the
-    notebooks' or the training calls' wall time, not in ``train_seconds``."""
+    """What a study run cost in wall time on its machine: each executed notebook's papermill duration, plus the
+    ``train_seconds`` of every model trained outside the notebooks (ahead, by ``scripts/reference_models.py``,
+    or copied in). A model whose whole training (``metrics.json``'s time minus ``train_seconds``) lies inside a
+    notebook's run was trained by that notebook and is already in its duration, so it is listed, not added again
+    (a model trained alongside, in another process, overlaps a window without lying inside it)."""
+    import datetime as dt
     import json
 
-    notebooks = {}
+    notebooks, windows = {}, []
     for nb in sorted((run_dir / "notebooks").glob("[0-9][0-9]_*.ipynb")):
-        notebooks[nb.stem] = float(json.loads(nb.read_text())["metadata"].get("papermill", {}).get("duration") or 0)
-    models = {}
+        meta = json.loads(nb.read_text())["metadata"].get("papermill", {})
+        notebooks[nb.stem] = float(meta.get("duration") or 0)
+        if meta.get("start_time") and meta.get("end_time"):
+            windows.append(tuple(dt.datetime.fromisoformat(meta[k]).timestamp() for k in ("start_time", "end_time")))
+    ahead, inside = {}, {}
     for metrics in sorted((run_dir / "models").glob("*/metrics.json")):
         seconds = json.loads(metrics.read_text()).get("train_seconds")
         if seconds is not None:
-            models[metrics.parent.name] = float(seconds)
-    total = sum(notebooks.values()) + sum(models.values())
-    return {"notebook_seconds": notebooks, "train_seconds": models,
-            "metrics": {"notebooks_seconds": sum(notebooks.values()), "training_seconds": sum(models.values()),
-                        "total_hours": total / 3600, "models": len(models), "notebooks": len(notebooks)}}
+            written = metrics.stat().st_mtime
+            trained_within = any(a <= written - seconds and written <= b for a, b in windows)
+            (inside if trained_within else ahead)[metrics.parent.name] = float(seconds)
+    total = sum(notebooks.values()) + sum(ahead.values())
+    return {"notebook_seconds": notebooks, "train_seconds_ahead": ahead, "train_seconds_in_notebooks": inside,
+            "metrics": {"notebooks_seconds": sum(notebooks.values()), "training_seconds": sum(ahead.values()),
+                        "total_hours": total / 3600, "models": len(ahead) + len(inside), "notebooks": len(notebooks)}}
 
 
 def publish(run_dir: Path, project_root: Path = PROJECT_ROOT) -> list[Path]:
@@ -179,8 +185,8 @@ def publish(run_dir: Path, project_root: Path = PROJECT_ROOT) -> list[Path]:
     from .results import write_results
     cost = run_cost(run_dir)
     write_results(run_dir, "reference_cost", {"dataset": "stanford_cars", "device": f"cpu ({os.cpu_count()} cores)", **cost},
-                  note="CPU time of the run: papermill durations of the executed notebooks + train_seconds of "
-                       "every model in its models/ folder (wall seconds on the device named)")
+                  note="wall time of the run on the device named: papermill durations of the executed notebooks + "
+                       "train_seconds of the models trained outside them (training_seconds)")
     copied = []
     for nb in executed:
         shutil.copy2(nb, project_root / "notebooks" / nb.name)
