@@ -1,7 +1,4 @@
-"""PENDING: renamed to tests/test_published.py (so that pytest collects it) in the commit that publishes the reference run's
-executed notebooks (issue 18); until then the committed notebooks are stripped and it would fail.
-
-The committed notebooks are the published study: the reference run's executed notebooks (full profile, real
+"""The committed notebooks are the published study: the reference run's executed notebooks (full profile, real
 data, no errors, outputs kept, each under 2 MB), each read as a story (title and question, a line of Markdown
 before every figure, short code cells, a closing "what we found"), and what they show matches results/*.json.
 
