@@ -130,8 +130,8 @@ def default_run(roots: Sequence[Path] = DEFAULT_RUN_ROOTS) -> tuple[Path, str]:
     """
     runs = find_runs(roots)
     real = [r for r in runs if not is_synthetic(r)]
-    how = ("make a real Stanford Cars identifier with `make identifier` or "
-           "`python -m vericar.identify`, then `python -m vericar.app --run runs/full/models/official`")
+    how = ("make a real Stanford Cars identifier with `make identifier` (it trains, then serves it), or "
+           "`python -m vericar.identify --epochs 10`, then `python -m vericar.app --run <the folder it prints>`")
     if real:
         return real[0], f"serving the newest real-data run {real[0]}"
     quick = recipe_run_dir("quick", "official")
@@ -180,9 +180,9 @@ def train_identifier(profile: str = "full", protocol: str = "official", data_dir
                      progress: bool = True, epochs: int | None = None) -> Path:
     """Train (or reuse) the identifier with the chosen recipe into ``runs/<profile>/models/<protocol>``.
 
-    ``epochs`` shortens (or lengthens) the recipe for a quicker identifier (``make identifier`` trains 10
-    epochs: official P@1 0.777 against 0.830 at the recipe's 20, in about half the time); such a run goes to
-    ``<protocol>-e<epochs>`` beside notebook 03's.
+    ``epochs`` shortens (or lengthens) the recipe for a quicker identifier (``make identifier`` trains 10 of
+    the recipe's 20 epochs, about half the training time, for a somewhat weaker model: README, "Identify your
+    own photo"); such a run goes to ``<protocol>-e<epochs>`` beside notebook 03's.
     """
     from .data import open_dataset
 
