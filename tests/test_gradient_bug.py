@@ -287,3 +287,30 @@ def test_run_comparison_on_tiny_data(tiny_synth, tmp_path):
 def test_label_corruption_figure():
     fig = plots.label_corruption_figure([0, 0, 1, 1, 2], [5, 6, 7, 7, 8])
     assert len(fig.axes) == 3
+
+
+def test_batch_gradient_check_depends_on_its_seed_only(tiny_synth):
+    # notebook 02's one-batch check: the head (here the whole tiny model) is drawn under `seed` in a forked RNG,
+    # so what ran before (other draws from torch's global generator) cannot change the report
+    from vericar.analyses.gradient_bug import batch_gradient_check
+
+    def check(seed):
+        return batch_gradient_check(tiny_synth, np.arange(len(tiny_synth)), backbone="tiny_cnn", embedding_dim=16,
+                                    image_size=32, n_classes=3, m_per_class=2, seed=seed)
+
+    torch.manual_seed(123)
+    a = check(0)
+    after_a = torch.rand(1)
+    torch.manual_seed(123)
+    torch.rand(1000)  # another global state
+    b = check(0)
+    numbers = ["loss", "grad_norm_backbone", "grad_norm_head"]
+    pd.testing.assert_frame_equal(a.report[numbers], b.report[numbers])
+    np.testing.assert_array_equal(a.rows, b.rows)
+    torch.manual_seed(123)
+    check(0)
+    assert torch.rand(1) == after_a  # the global generator is left where it was
+    c = check(1)
+    assert not np.allclose(a.report["grad_norm_head"], c.report["grad_norm_head"])
+    assert a.report.loc[a.report["role"] == "variant", "expected"].notna().all()
+    assert a.head_parameters > 0 and len(a.labels) == 6

@@ -64,11 +64,13 @@ if TYPE_CHECKING:
     from ..config import TrainConfig
 
 __all__ = [
+    "BatchGradientCheck",
     "CORRUPTION_MODES",
     "SUSPECTS",
     "Comparison",
     "Variant",
     "accuracy_against_labels",
+    "batch_gradient_check",
     "class_subset",
     "classify_outcomes",
     "comparison_variants",
@@ -272,6 +274,43 @@ def real_batch(cars: CarsDataset, rows, spec, image_size: int, *, n_classes: int
     picked = np.concatenate([rng.choice(rows[labels == c], size=m_per_class, replace=False) for c in chosen])
     images = normalize(decode_images(cars, picked, image_size, spec.interpolation, progress=False), spec)
     return images, torch.from_numpy(cars.labels[picked]), picked
+
+
+@dataclass
+class BatchGradientCheck:
+    """What :func:`batch_gradient_check` measured: the report and what it was measured on."""
+
+    report: pd.DataFrame
+    rows: np.ndarray  # the batch's dataset rows
+    labels: np.ndarray
+    backbone_parameters: int
+    head_parameters: int
+
+
+def batch_gradient_check(cars: CarsDataset, rows, *, backbone: str, embedding_dim: int, image_size: int,
+                         n_classes: int = 8, m_per_class: int = 4, seed: int = 0, device="cpu",
+                         variants: Iterable[str] | None = None) -> BatchGradientCheck:
+    """Notebook 02's one-batch check: what every accumulation variant sends back into a pretrained model.
+
+    The model (``backbone`` pretrained, a fresh head) is built under ``seed`` in a forked RNG, so the head's
+    initial weights, and with them every number of the report, depend on ``seed`` only, not on whatever drew
+    from torch's global generator before (the global state is left as it was). The batch is
+    :func:`real_batch`'s; the report is :func:`.seed_losses.gradient_report`'s with :func:`gradient_verdicts`.
+    """
+    from ..models import build_model
+    from .seed_losses import gradient_report
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(backbone, embedding_dim, pretrained=True).to(device)
+    images, labels, batch_rows = real_batch(cars, rows, model.spec, image_size, n_classes=n_classes,
+                                            m_per_class=m_per_class, seed=seed)
+    report = gradient_verdicts(gradient_report(model, images.to(device), labels.to(device),
+                                               variants=list(variants or ACCUMULATION_VARIANTS)))
+    report["expected"] = [None if r == "reference" else expected_gradient_verdict(v)
+                          for v, r in zip(report["variant"], report["role"])]
+    return BatchGradientCheck(report, batch_rows, labels.numpy(), sum(p.numel() for p in model.backbone.parameters()),
+                              sum(p.numel() for p in model.head.parameters()))
 
 
 def class_subset(cars: CarsDataset, n_classes: int | None, *, seed: int = 0) -> CarsDataset:
