@@ -26,9 +26,10 @@ reference: $(VENV)/.installed
 report: $(VENV)/.installed
 	$(PY) -m vericar.report --html runs/report --notebooks notebooks
 
-# A real Stanford Cars identifier in the browser: train (or reuse) the official-protocol model with the full
-# profile's recipe cut to IDENTIFIER_EPOCHS epochs (runs/full/models/official-e10; IDENTIFIER_EPOCHS=20 is the
-# recipe itself, notebook 03's run folder), then serve it at http://127.0.0.1:8000/ (vericar.app).
+# A real Stanford Cars identifier in the browser: train (or reuse) the seed-protocol model (80% of the training
+# photos; the other 20% set the unknown threshold) with the full profile's recipe cut to IDENTIFIER_EPOCHS epochs
+# (runs/full/models/seed-e10; IDENTIFIER_EPOCHS=20 is the recipe itself, notebook 03's run folder), then serve
+# it at http://127.0.0.1:8000/ (vericar.app).
 IDENTIFIER_EPOCHS ?= 10
 identifier: $(VENV)/.installed
 	run=$$($(PY) -m vericar.identify --profile full --epochs $(IDENTIFIER_EPOCHS)) && $(PY) -m vericar.app --run "$$run"

@@ -165,8 +165,9 @@ def test_a_shorter_identifier_gets_its_own_run_folder(monkeypatch):
     monkeypatch.setattr(identify, "train", fake_train)
     monkeypatch.setattr("vericar.data.open_dataset", lambda *a, **k: None)
     with pytest.raises(SystemExit):
-        identify.train_identifier("full", "official", data_dir=PROJECT_ROOT, epochs=3)
-    assert trained["config"].epochs == 3 and trained["out"].name == "official-e3"
+        identify.train_identifier("full", data_dir=PROJECT_ROOT, epochs=3)  # the default protocol: seed
+    assert trained["config"].epochs == 3 and trained["out"].name == "seed-e3"
+    assert trained["config"].protocol == "seed"
     with pytest.raises(ValueError, match="at least 1"):
         identify.train_identifier("full", "official", data_dir=PROJECT_ROOT, epochs=0)
 

@@ -488,6 +488,8 @@ def test_nb08_on_the_committed_results():
     text = findings("08", result)
     assert "make + body type 87.0% (95% CI 86.2-87.8%)" in text and "scored each level alone" not in text
     assert "Mitsubishi Lancer Sedan 2012" in text and "mostly not recognised" in text
+    assert ("threshold set on the 1,635 training photos it never trained on accepts 94.5% (95% CI 94.0-95.0%)"
+            in text and "against 75.1% (95% CI 74.2-76.0%)" in text and "is what the app should use" in text)
 
 
 def test_nb08_wording_follows_the_numbers():
@@ -506,3 +508,21 @@ def test_nb08_wording_follows_the_numbers():
     flat["entries"][0]["dataset"] = "synthetic"
     text = findings("08", flat)
     assert "not told apart, the intervals overlap" in text and text.startswith("**On SynthCars (synthetic data), on 1,000")
+
+
+def test_nb08_reports_the_threshold_set_on_held_out_photos():
+    result = _identify_result()
+    cal = {"experiment": "unknown threshold calibration", "dataset": "stanford_cars", "protocol": "seed",
+           "backbone": "efficientnet_lite0", "image_size": 160, "device": "cpu", "setting": "recipe", "n_photos": 8041,
+           "calibration_photos": {"every database photo": 8144, "held-out photos only": 1635},
+           "metrics": {"accepted_every": 0.751, "accepted_heldout": 0.945, "threshold_every": -0.665,
+                       "threshold_heldout": -0.771, "trained_share_every": 0.799, "accuracy_make": 0.884,
+                       "accuracy_year": 0.799}}
+    result["entries"].append(cal)
+    text = findings("08", result)
+    assert "set on the 1,635 training photos it never trained on accepts 94.5% (95% CI 94.0-95.0%)" in text
+    assert "against 75.1% (95% CI" in text and "(80% of them trained on)" in text
+    assert "is what the app should use" in text and "exact class for 79.9%" in text
+    cal["metrics"]["accepted_heldout"] = 0.6
+    assert "still too strict" in findings("08", result)
+    assert "The fix" not in findings("08", _identify_result())  # older results without the entry

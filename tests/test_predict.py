@@ -73,3 +73,43 @@ def test_from_run_identifies_photos(synthcars_tiny, tmp_path):
     # the images give the same answer as their stored embeddings
     again = ident.identify(run.embeddings[rows])
     assert list(out["class_name"]) == list(again["class_name"])
+
+
+def test_threshold_set_on_held_out_photos_accepts_new_photos():
+    # the trained-on photos sit tight around their centre (spread 0.02), held-out and new photos wider (0.15),
+    # as after training: set on all, the threshold rejects most new photos; set on the held-out, it accepts ~95%
+    rng = np.random.default_rng(1)
+    centres = np.eye(8)[:3]
+    trained, held = clusters(centres, 200, rng, spread=0.02), clusters(centres, 50, rng, spread=0.15)  # 80/20
+    db, labels = np.concatenate([trained, held]), np.concatenate([np.repeat([0, 1, 2], 200), np.repeat([0, 1, 2], 50)])
+    mask = np.arange(len(db)) >= len(trained)
+    new = clusters(centres, 200, rng, spread=0.15)
+    every = CarIdentifier(None, 32, db, labels, CLASSES)
+    heldout = CarIdentifier(None, 32, db, labels, CLASSES, heldout=mask)
+    assert heldout.threshold < every.threshold
+    assert every.identify(new)["known"].mean() < 0.85 and heldout.identify(new)["known"].mean() > 0.88
+    assert "never trained on" in heldout.calibration and "too strict" in every.calibration
+    heldout.add(clusters([np.eye(8)[5]], 3, rng), "Lumen Arko Wagon 2014", recalibrate=True)  # added: not held out
+    with pytest.raises(ValueError, match="boolean mask over the 750 database photos"):
+        CarIdentifier(None, 32, db, labels, CLASSES, heldout=mask[:10])
+
+
+def test_from_run_on_a_seed_run_holds_every_training_photo_and_calibrates_on_the_held_out(synthcars_tiny, tmp_path):
+    from vericar.identify import calibration_check, test_photo_rows
+    from vericar.predict import database_rows
+
+    config = TrainConfig(**FINE_TUNE_MS, protocol="seed", backbone="tiny_cnn", pretrained=False, image_size=32,
+                         epochs=1, batch_size=16, m_per_class=4, device="cpu")
+    run = train(synthcars_tiny, config, tmp_path / "run", progress=False)
+    rows, heldout = database_rows(run)
+    train_images = np.flatnonzero((synthcars_tiny.table["split"] == "train").to_numpy())
+    np.testing.assert_array_equal(rows, train_images)
+    np.testing.assert_array_equal(rows[heldout], run.split.query)
+    ident = CarIdentifier.from_run(run, synthcars_tiny)
+    assert len(ident.index) == len(train_images) and int(ident.heldout.sum()) == len(run.split.query)
+    test = test_photo_rows(run, synthcars_tiny)
+    assert not np.isin(test, train_images).any() and len(test) == (synthcars_tiny.table["split"] == "test").sum()
+    table = calibration_check(run, synthcars_tiny)
+    assert list(table["calibration_photos"]) == [len(train_images), len(run.split.query)]
+    assert table.loc[1, "threshold"] == pytest.approx(ident.threshold)
+    assert (table["accepted_low"] <= table["accepted"]).all() and (table["accepted"] <= table["accepted_high"]).all()

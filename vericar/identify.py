@@ -1,6 +1,6 @@
 """Identify cars in photos from a trained run: what notebook 08 shows and the web app (``vericar.app``) serves.
 
-    python -m vericar.identify                     # train (or reuse) the official-protocol identifier, full profile
+    python -m vericar.identify                     # train (or reuse) the seed-protocol identifier, full profile
     python -m vericar.identify --profile quick     # the SynthCars one
 
 :class:`IdentifyService` wraps :class:`vericar.predict.CarIdentifier` with what a person pointing it at a photo
@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from .data import CarsDataset, load_stanford_cars, parse_class_name
 from .embed import square_tensor
 from .export import torch_embedder
-from .predict import CarIdentifier
+from .predict import CarIdentifier, database_rows
 from .study import NOTEBOOKS_DIR, PROFILES, PROJECT_ROOT
 from .config import TrainConfig
 from .runs import TrainedRun, load_model, load_run
@@ -176,9 +176,13 @@ def recipe_run_dir(profile: str, protocol: str, epochs: int | None = None) -> Pa
     return PROJECT_ROOT / PROFILES[profile]["all"]["run_dir"] / "models" / name
 
 
-def train_identifier(profile: str = "full", protocol: str = "official", data_dir: str | Path | None = None,
+def train_identifier(profile: str = "full", protocol: str = "seed", data_dir: str | Path | None = None,
                      progress: bool = True, epochs: int | None = None) -> Path:
     """Train (or reuse) the identifier with the chosen recipe into ``runs/<profile>/models/<protocol>``.
+
+    The default protocol ``seed`` trains on 80% of each class's training photos; the identifier built on it
+    (:meth:`CarIdentifier.from_run`) holds all of them and sets its unknown threshold on the other 20%, photos
+    the model never trained on (notebook 08: set on trained-on photos, the threshold is far too strict).
 
     ``epochs`` shortens (or lengthens) the recipe for a quicker identifier (``make identifier`` trains 10 of
     the recipe's 20 epochs, about half the training time, for a somewhat weaker model: README, "Identify your
@@ -267,15 +271,16 @@ class IdentifyService:
 
         run, cars = open_run(run_dir, data_dir)
         identifier = CarIdentifier.from_run(run, cars)
+        rows, _ = database_rows(run)
         model = load_model(run)
         if backend == "auto":
             sample = torch.stack([square_tensor(cars.image(int(r)), run.config.image_size, model.spec.interpolation)
-                                  for r in run.split.database[:16]])
+                                  for r in rows[:16]])
             backend, embedder, _ = select_backend(model, run.config.image_size, sample, onnx_path=run_onnx_path(run))
         else:
             embedder = make_embedder(model, run.config.image_size, backend,
                                      run_onnx_path(run) if backend == "onnx" else None)
-        return cls(identifier, cars, run.split.database, embedder=embedder, backend=backend, run_dir=Path(run_dir),
+        return cls(identifier, cars, rows, embedder=embedder, backend=backend, run_dir=Path(run_dir),
                    persist=persist, **kwargs)
 
     # images -> tensors -> embeddings
@@ -361,7 +366,7 @@ class IdentifyService:
         return {"status": "ok", "run": str(self.run_dir) if self.run_dir else None, "dataset": self.cars.name,
                 "backend": self.backend, "image_size": cfg.image_size, "database_size": len(cfg.index),
                 "classes": len(cfg.class_table), "added_photos": len(self.added.names),
-                "threshold": float(cfg.threshold), "note": self.note}
+                "threshold": float(cfg.threshold), "calibration": cfg.calibration, "note": self.note}
 
 
 def answers_table(answers: Sequence[dict]) -> "pd.DataFrame":
@@ -447,11 +452,21 @@ def pick_unknown_class(run: TrainedRun, cars: CarsDataset, shots: int = 5) -> tu
 
 # -- notebook 08's steps -----------------------------------------------------------------------------------
 
+def test_photo_rows(run: TrainedRun, cars: CarsDataset) -> np.ndarray:
+    """The test photos of known cars for an identifier built on ``run``: ``split.query``, or, where the
+    queries are held-out training photos that the identifier's database holds (``predict.HELDOUT_PROTOCOLS``),
+    the official test images (the split trains on every class)."""
+    if database_rows(run)[1] is None:
+        return run.split.query
+    return np.flatnonzero((cars.table["split"] == "test").to_numpy())
+
+
 def example_photos(run: TrainedRun, cars: CarsDataset, examples: int, seed: int = 0
                    ) -> tuple[np.ndarray, list[Image.Image]]:
-    """``examples`` random test photos of known cars (``split.query``, seeded): their rows and images."""
+    """``examples`` random test photos of known cars (:func:`test_photo_rows`, seeded): rows and images."""
     rng = np.random.default_rng(seed)
-    rows = rng.choice(run.split.query, size=min(examples, len(run.split.query)), replace=False)
+    photos = test_photo_rows(run, cars)
+    rows = rng.choice(photos, size=min(examples, len(photos)), replace=False)
     return rows, [cars.image(int(r)) for r in rows]
 
 
@@ -470,7 +485,7 @@ def identify_test_set(service: IdentifyService, run: TrainedRun, cars: CarsDatas
     ``n_photos`` and ``photos_match_embeddings``: for the example photos identified from their images, the
     share whose class equals the one their stored embeddings give (None without examples).
     """
-    rows = run.split.query
+    rows = test_photo_rows(run, cars)
     predicted = service.identifier.identify(run.embeddings[rows])
     truth = cars.labels[rows]
     same = None
@@ -480,6 +495,41 @@ def identify_test_set(service: IdentifyService, run: TrainedRun, cars: CarsDatas
     return {"predicted": predicted, "accuracy": level_accuracy(predicted, truth, cars.hierarchy),
             "confidence": confidence_table(predicted, truth, cars.hierarchy, at), "n_photos": len(rows),
             "known_share": float(predicted["known"].mean()), "photos_match_embeddings": same}
+
+
+def calibration_check(run: TrainedRun, cars: CarsDataset, *, tpr: float = 0.95) -> "pd.DataFrame":
+    """One model's unknown threshold set two ways, and the share of test photos of known cars each accepts.
+
+    ``run`` must hold photos out (protocol ``seed`` or ``val``: 80% of each class's training photos train the
+    model, the other 20% do not). Both identifiers hold every training photo in their database and differ in
+    the photos that set the threshold (accept ``tpr`` of them): all of them (mostly photos the model trained
+    on, as for a run without held-out photos) or the held-out ones only. One row each: ``calibration``,
+    ``calibration_photos``, ``threshold``, ``test_photos``, ``accepted`` with its 95% Wilson interval, and the
+    accuracy at the make and the exact class (prefix semantics; equal in both rows: same database).
+    """
+    import pandas as pd
+
+    from .metrics import wilson_interval
+
+    rows, heldout = database_rows(run)
+    if heldout is None:
+        raise ValueError(f"{run.path} (protocol {run.config.protocol!r}) holds no photo out of training; use a "
+                         "protocol 'seed' or 'val' run (notebook 03 trains <run_dir>/models/seed)")
+    test = test_photo_rows(run, cars)
+    out = []
+    for name, mask in (("every database photo", None), ("held-out photos only", heldout)):
+        identifier = CarIdentifier(None, run.config.image_size, run.embeddings[rows], cars.labels[rows],
+                                   cars.hierarchy, tpr=tpr, heldout=mask)
+        predicted = identifier.identify(run.embeddings[test])
+        accuracy = level_accuracy(predicted, cars.labels[test], cars.hierarchy)
+        accepted = int(predicted["known"].sum())
+        low, high = wilson_interval(accepted, len(test))
+        out.append({"calibration": name, "calibration_photos": len(rows) if mask is None else int(mask.sum()),
+                    "trained_on": float(1 - heldout.mean()) if mask is None else 0.0,
+                    "threshold": identifier.threshold, "test_photos": len(test), "accepted": accepted / len(test),
+                    "accepted_low": low, "accepted_high": high, "accuracy_make": accuracy["accuracy_make"],
+                    "accuracy_year": accuracy["accuracy_year"]})
+    return pd.DataFrame(out)
 
 
 def summary_line(summary: dict) -> str:
@@ -511,25 +561,41 @@ def add_unknown_car(service: IdentifyService, run: TrainedRun, cars: CarsDataset
             "n_test_photos": len(unknown_rows)}
 
 
-def identify_entries(dataset: str, run: TrainedRun, summary: dict, demo: dict, shots: int) -> list[dict]:
-    """The two entries of ``results/08_identify.json``: the test set (accuracy per level, prefix semantics,
-    and the share accepted as known; the confidence table) and the unknown car added without retraining."""
+def identify_entries(dataset: str, run: TrainedRun, summary: dict, demo: dict, shots: int,
+                     calibration: "pd.DataFrame | None" = None, calibration_run: TrainedRun | None = None) -> list[dict]:
+    """The entries of ``results/08_identify.json``: the test set (accuracy per level, prefix semantics, and the
+    share accepted as known; the confidence table), the unknown car added without retraining and, given
+    :func:`calibration_check`'s table and its run, the unknown threshold set on held-out photos."""
     from .results import results_entry
 
     cfg = run.config
     common = dict(dataset=dataset, protocol=cfg.protocol, backbone=cfg.backbone, image_size=cfg.image_size,
                   device=run.metrics["device"])
     t = demo["table"]
-    return [results_entry(**common, experiment="identify test photos", setting=cfg.describe(),
-                          n_photos=summary["n_photos"], levels="prefix (type = make + type, model = make + type "
-                                                                "+ model, year = the exact class)",
-                          metrics={**summary["accuracy"], "known_share": summary["known_share"]},
-                          confidence=summary["confidence"].to_dict()),
-            results_entry(**common, experiment="unknown car added without retraining", setting=f"{shots} photos added",
-                          car=demo["name"], n_test_photos=demo["n_test_photos"], n_added=demo["added"]["photos"],
-                          metrics={"flagged_before": t.iloc[0, 0], "flagged_after": t.iloc[0, 1],
-                                   "named_before": t.iloc[1, 0], "named_after": t.iloc[1, 1],
-                                   "model_before": t.iloc[2, 0], "model_after": t.iloc[2, 1]})]
+    entries = [results_entry(**common, experiment="identify test photos", setting=cfg.describe(),
+                             n_photos=summary["n_photos"], levels="prefix (type = make + type, model = make + type "
+                                                                   "+ model, year = the exact class)",
+                             metrics={**summary["accuracy"], "known_share": summary["known_share"]},
+                             confidence=summary["confidence"].to_dict()),
+               results_entry(**common, experiment="unknown car added without retraining", setting=f"{shots} photos added",
+                             car=demo["name"], n_test_photos=demo["n_test_photos"], n_added=demo["added"]["photos"],
+                             metrics={"flagged_before": t.iloc[0, 0], "flagged_after": t.iloc[0, 1],
+                                      "named_before": t.iloc[1, 0], "named_after": t.iloc[1, 1],
+                                      "model_before": t.iloc[2, 0], "model_after": t.iloc[2, 1]})]
+    if calibration is not None:
+        c = calibration_run.config
+        every, held = (calibration.iloc[i] for i in (0, 1))
+        entries.append(results_entry(
+            dataset=dataset, protocol=c.protocol, backbone=c.backbone, image_size=c.image_size,
+            device=calibration_run.metrics["device"], experiment="unknown threshold calibration",
+            setting=c.describe(), n_photos=int(held["test_photos"]),
+            calibration_photos={"every database photo": int(every["calibration_photos"]),
+                                "held-out photos only": int(held["calibration_photos"])},
+            metrics={"accepted_every": float(every["accepted"]), "accepted_heldout": float(held["accepted"]),
+                     "threshold_every": float(every["threshold"]), "threshold_heldout": float(held["threshold"]),
+                     "trained_share_every": float(every["trained_on"]), "accuracy_make": float(held["accuracy_make"]),
+                     "accuracy_year": float(held["accuracy_year"])}))
+    return entries
 
 
 def _plain(value):
@@ -540,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vericar.identify", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=["full", "quick"], default="full")
-    parser.add_argument("--protocol", default="official")
+    parser.add_argument("--protocol", default="seed", help="seed (default): 80%% of the training photos train the "
+                        "model, the other 20%% set the unknown threshold; official trains on all of them")
     parser.add_argument("--data-dir", help="dataset folder (default: the profile's)")
     parser.add_argument("--epochs", type=int, help="train this many epochs instead of the recipe's "
                         "(into <protocol>-e<epochs>, beside notebook 03's run folder)")

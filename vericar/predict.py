@@ -24,6 +24,24 @@ from .retrieval import KNNIndex, hierarchical_predict
 from .runs import TrainedRun, load_model, load_run
 
 
+#: protocols whose queries are held-out photos of the training classes (80/20 within each class): an
+#: identifier built on such a run puts them in its database and sets the unknown threshold on them
+HELDOUT_PROTOCOLS = ("seed", "val")
+
+
+def database_rows(run: TrainedRun) -> tuple[np.ndarray, np.ndarray | None]:
+    """The dataset rows an identifier built on ``run`` holds, and which of them the model never trained on.
+
+    For :data:`HELDOUT_PROTOCOLS`: every image of the training classes (``split.database`` and the held-out
+    ``split.query``), with the mask of the held-out ones (for :meth:`CarIdentifier.calibrate`). Otherwise the
+    split's database and None (the threshold is then set on photos the model trained on)."""
+    split = run.split
+    if run.config.protocol not in HELDOUT_PROTOCOLS or len(np.intersect1d(split.query, split.train)):
+        return split.database, None
+    rows = np.union1d(split.database, split.query)
+    return rows, np.isin(rows, split.query)
+
+
 class CarIdentifier:
     """K-NN identification at every level of make > type > model > year, with a KNN+ "unknown car" flag.
 
@@ -33,19 +51,27 @@ class CarIdentifier:
     (:func:`vericar.retrieval.hierarchical_predict`), each neighbour's vote weighted by ``1 / distance``
     (``weighted=True``, the default), so that a class with fewer than ``k`` images (a car just added from one
     photo) is not outvoted by farther images of other classes; ``weighted=False`` counts votes. The KNN+
-    score is minus the distance to the ``ood_k``-th nearest database image, and a car is *known* when its score clears the threshold that
-    accepts ``tpr`` of the database's own images (leave-one-out), the in-distribution side only.
+    score is minus the distance to the ``ood_k``-th nearest database image, and a car is *known* when its score
+    clears the threshold that accepts ``tpr`` of the calibration photos (the in-distribution side only), each
+    scored against the rest of the database (leave-one-out). The calibration photos are ``heldout`` (a boolean
+    mask over the database: photos in it that the model never trained on) when given, else the whole database.
+    Set on photos the model trained on, the threshold is too strict for new photos (their nearest neighbours
+    are farther): notebook 08 measures both. :meth:`from_run` holds photos out for runs whose split has them.
     """
 
     def __init__(self, model, image_size: int, database_embeddings: np.ndarray, database_labels: np.ndarray,
                  class_table: pd.DataFrame, *, k: int = 5, ood_k: int = 1, tpr: float = 0.95,
-                 weighted: bool = True, device: str = "cpu") -> None:
+                 weighted: bool = True, device: str = "cpu", heldout: np.ndarray | None = None) -> None:
         self.model = model.eval() if model is not None else None
         self.image_size = image_size
         self.device = resolve_device(device)
         self.k, self.ood_k, self.tpr, self.weighted = _check_k(k, "k"), _check_k(ood_k, "ood_k"), tpr, weighted
         self.class_table = class_table[["class_name", "make", "type", "model", "year"]].reset_index(drop=True)
         self.index = KNNIndex(database_embeddings, np.asarray(database_labels, dtype=np.int64), device=str(self.device))
+        self.heldout = None if heldout is None else np.asarray(heldout, dtype=bool)
+        if self.heldout is not None and (self.heldout.shape != (len(self.index),) or not self.heldout.any()):
+            raise ValueError(f"heldout must be a boolean mask over the {len(self.index)} database photos with at "
+                             f"least one True; got shape {self.heldout.shape} with {int(self.heldout.sum())} True")
         self.calibrate()
 
     @classmethod
@@ -57,13 +83,23 @@ class CarIdentifier:
         """
         run = load_run(run.path if isinstance(run, TrainedRun) else run, cars)  # checks the data fingerprint
         model = load_model(run, device=device)
-        rows = run.split.database
+        rows, heldout = database_rows(run)
         return cls(model, run.config.image_size, run.embeddings[rows], cars.labels[rows], cars.hierarchy,
-                   k=k, ood_k=ood_k, tpr=tpr, weighted=weighted, device=device)
+                   k=k, ood_k=ood_k, tpr=tpr, weighted=weighted, device=device, heldout=heldout)
+
+    @property
+    def calibration(self) -> str:
+        """Which photos set the threshold, in words (the app's /health shows it)."""
+        if self.heldout is None:
+            return (f"{len(self.index):,} database photos, leave-one-out (photos the model trained on: too strict "
+                    "for new photos)")
+        return f"{int(self.heldout.sum()):,} database photos the model never trained on, leave-one-out"
 
     def calibrate(self) -> float:
-        """Set the KNN+ threshold so ``tpr`` of the database's images (leave-one-out) count as known."""
+        """Set the KNN+ threshold so ``tpr`` of the calibration photos count as known (see the class)."""
         scores = knn_scores(self.index.embeddings, self.index.embeddings, self.ood_k, exclude_self=True)
+        if self.heldout is not None:
+            scores = scores[:len(self.heldout)][self.heldout]  # photos added later are not held out
         self.threshold = threshold_at_tpr(scores, self.tpr)
         return self.threshold
 
