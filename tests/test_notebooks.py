@@ -130,6 +130,28 @@ def test_publish_copies_the_executed_notebooks(tmp_path):
     assert nbformat.read(repo / "notebooks" / "01_eda.ipynb", 4).metadata["papermill"]["parameters"]["quick"] is False
 
 
+def test_publish_refuses_notebooks_run_from_other_sources(tmp_path):
+    """An edited notebook in the repository is not overwritten by the run's older executed copy."""
+    run, repo = tmp_path / "run", tmp_path / "repo"
+    (run / "results").mkdir(parents=True)
+    (run / "results" / "01_eda.json").write_text(json.dumps({"dataset": "stanford_cars"}))
+    _executed(run / "notebooks" / "01_eda.ipynb")
+    edited = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# 01 · x"),
+                                             nbformat.v4.new_code_cell("print('a new cell')")])
+    (repo / "notebooks").mkdir(parents=True)
+    nbformat.write(edited, repo / "notebooks" / "01_eda.ipynb")
+    with pytest.raises(SystemExit, match=r"01_eda.ipynb were run from other sources.*--only 01"):
+        study.publish(run, project_root=repo)
+    assert "a new cell" in (repo / "notebooks" / "01_eda.ipynb").read_text() and not (repo / "results").exists()
+    # papermill's injected parameters cell is not a source difference
+    nb = nbformat.read(run / "notebooks" / "01_eda.ipynb", 4)
+    injected = nbformat.v4.new_code_cell("quick = False")
+    injected.metadata["tags"] = ["injected-parameters"]
+    nb.cells = [nb.cells[0], injected, nbformat.v4.new_code_cell("print('a new cell')")]
+    nbformat.write(nb, run / "notebooks" / "01_eda.ipynb")
+    assert repo / "notebooks" / "01_eda.ipynb" in study.publish(run, project_root=repo)
+
+
 def test_publish_writes_what_the_run_cost(tmp_path):
     """reference_cost.json: notebooks' papermill durations + the train_seconds of models trained outside them."""
     run, repo = tmp_path / "run", tmp_path / "repo"

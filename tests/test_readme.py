@@ -122,3 +122,13 @@ def test_findings_block_links_each_notebook_with_its_headline(tmp_path, monkeypa
     block = findings_block(tmp_path)
     assert block.startswith("**[01 · eda](notebooks/01_eda.ipynb)**: We saw 16185 images.")
     assert 'src="figures/01_sample_grid.png"' in block
+
+
+def test_search_block_adds_the_chosen_recipes_test_table_when_there_is_one(tmp_path):
+    from vericar.report import search_table
+
+    assert search_table(tmp_path).startswith("(no recipe search yet")
+    (tmp_path / "recipe_search.md").write_text("val table\n")
+    assert search_table(tmp_path) == "val table"
+    (tmp_path / "recipe_search_test.md").write_text("test table\n")
+    assert search_table(tmp_path) == "val table\n\ntest table"

@@ -184,9 +184,12 @@ SEARCH_START, SEARCH_END = "<!-- search:start -->", "<!-- search:end -->"
 
 
 def search_table(results_dir: str | Path) -> str:
-    """The recipe search (``results/recipe_search.md``, written by ``scripts/recipe_search.py``), as it is."""
-    path = Path(results_dir) / "recipe_search.md"
-    return path.read_text().strip() if path.is_file() else "(no recipe search yet: python scripts/recipe_search.py)"
+    """The recipe search (``results/recipe_search.md``, written by ``scripts/recipe_search.py``), as it is, then
+    the chosen recipes' test numbers (``results/recipe_search_test.md``) when there are any."""
+    path, test = Path(results_dir) / "recipe_search.md", Path(results_dir) / "recipe_search_test.md"
+    if not path.is_file():
+        return "(no recipe search yet: python scripts/recipe_search.py)"
+    return path.read_text().strip() + ("\n\n" + test.read_text().strip() if test.is_file() else "")
 
 
 def findings_block(results_dir: str | Path, notebooks_dir: str | Path = "notebooks") -> str:

@@ -165,9 +165,21 @@ def run_cost(run_dir: Path) -> dict[str, Any]:
                         "total_hours": total / 3600, "models": len(ahead) + len(inside), "notebooks": len(notebooks)}}
 
 
+def source_cells(path: Path) -> list[tuple[str, str]]:
+    """A notebook's cells as ``(type, source)``, without the cell papermill injects: what it was run from."""
+    import json
+
+    cells = json.loads(path.read_text())["cells"]
+    return [(c["cell_type"], "".join(c["source"])) for c in cells
+            if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+
+
 def publish(run_dir: Path, project_root: Path = PROJECT_ROOT) -> list[Path]:
     """Copy a run's figures, results and executed notebooks into the repository's ``figures/``, ``results/`` and
-    ``notebooks/`` (the reference run: the committed notebooks are its executed copies, outputs kept)."""
+    ``notebooks/`` (the reference run: the committed notebooks are its executed copies, outputs kept).
+
+    Refuses, copying nothing, SynthCars results, notebooks not run on the full profile, and executed notebooks
+    whose cells differ from the repository's (run from older sources: copying them would undo edits)."""
     import json
 
     results = sorted((run_dir / "results").glob("*.json"))
@@ -182,6 +194,12 @@ def publish(run_dir: Path, project_root: Path = PROJECT_ROOT) -> list[Path]:
             raise SystemExit(f"refusing to publish {nb}: the published notebooks are the full profile's, executed "
                              f"on real data without errors (parameters: dataset={params.get('dataset')!r}, "
                              f"quick={params.get('quick')!r}, exception={meta.get('exception')!r})")
+    stale = [nb.name for nb in executed if (project_root / "notebooks" / nb.name).is_file()
+             and source_cells(nb) != source_cells(project_root / "notebooks" / nb.name)]
+    if stale:
+        raise SystemExit(f"refusing to publish: the run's executed {', '.join(stale)} were run from other sources "
+                         "than the repository's notebooks/ (edited since?); copying them would undo those edits. "
+                         f"Rerun them into the run first (--only {' '.join(n[:2] for n in stale)}), then publish.")
     from .results import write_results
     cost = run_cost(run_dir)
     write_results(run_dir, "reference_cost", {"dataset": "stanford_cars", "device": f"cpu ({os.cpu_count()} cores)", **cost},
