@@ -59,15 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     from selenium.webdriver.common.by import By
 
     from vericar.app import create_app, serving
-    from vericar.identify import IdentifyService, open_run
+    from vericar.identify import IdentifyService, open_run, test_photo_rows
 
     service = IdentifyService.from_run(args.run, backend="torch")
     with tempfile.TemporaryDirectory() as tmp:
         photo = args.photo
         if photo is None:
-            run, _ = open_run(args.run, None)
+            run, cars = open_run(args.run, None)
             photo = Path(tmp) / "a query car.jpg"
-            service.cars.image(int(run.split.query[0])).save(photo, format="JPEG", quality=92)
+            service.cars.image(int(test_photo_rows(run, cars)[0]))  # not a database photo.save(photo, format="JPEG", quality=92)
         browser = chrome()
         try:
             with serving(create_app(service)) as url:

@@ -488,7 +488,7 @@ def test_nb08_on_the_committed_results():
     text = findings("08", result)
     assert "make + body type 87.0% (95% CI 86.2-87.8%)" in text and "scored each level alone" not in text
     assert "Mitsubishi Lancer Sedan 2012" in text and "mostly not recognised" in text
-    assert ("threshold set on the 1,635 training photos it never trained on accepts 94.5% (95% CI 94.0-95.0%)"
+    assert ("threshold set on the 1,635 training photos it never trained on accepts 94.5% (95% CI 94.0-95.0%) of the test photos"
             in text and "against 75.1% (95% CI 74.2-76.0%)" in text and "is what the app should use" in text)
 
 
@@ -520,7 +520,7 @@ def test_nb08_reports_the_threshold_set_on_held_out_photos():
                        "accuracy_year": 0.799}}
     result["entries"].append(cal)
     text = findings("08", result)
-    assert "set on the 1,635 training photos it never trained on accepts 94.5% (95% CI 94.0-95.0%)" in text
+    assert "set on the 1,635 training photos it never trained on accepts 94.5% (95% CI 94.0-95.0%) of the test photos" in text
     assert "against 75.1% (95% CI" in text and "(80% of them trained on)" in text
     assert "is what the app should use" in text and "exact class for 79.9%" in text
     cal["metrics"]["accepted_heldout"] = 0.6

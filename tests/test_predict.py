@@ -89,7 +89,9 @@ def test_threshold_set_on_held_out_photos_accepts_new_photos():
     assert heldout.threshold < every.threshold
     assert every.identify(new)["known"].mean() < 0.85 and heldout.identify(new)["known"].mean() > 0.88
     assert "never trained on" in heldout.calibration and "too strict" in every.calibration
+    before = heldout.threshold
     heldout.add(clusters([np.eye(8)[5]], 3, rng), "Lumen Arko Wagon 2014", recalibrate=True)  # added: not held out
+    assert heldout.threshold == pytest.approx(before, abs=0.05)  # still set on the held-out photos
     with pytest.raises(ValueError, match="boolean mask over the 750 database photos"):
         CarIdentifier(None, 32, db, labels, CLASSES, heldout=mask[:10])
 

@@ -611,11 +611,13 @@ def nb08(result: dict[str, Any]) -> str:
                      "another could fare differently.")
     cal = next((e for e in entries if e.get("experiment") == "unknown threshold calibration"), None)
     if cal is not None:
-        c, nc, photos = cal["metrics"], cal.get("n_photos"), cal.get("calibration_photos") or {}
+        c, nc, photos = cal["metrics"], cal.get("n_photos") or 0, cal.get("calibration_photos") or {}
+        held = photos.get("held-out photos only")
+        held = f"{held:,}" if isinstance(held, int) else "held-out"
         fixed = c["accepted_heldout"] >= 0.9
         lines.append(f"- The fix ({label(cal)}, {cal.get('setting', '')}; all {nc:,} official test photos, every car "
-                     f"known): the same model's threshold set on the {photos.get('held-out photos only', '?'):,} "
-                     f"training photos it never trained on accepts {_with_ci_01_04(c['accepted_heldout'], nc)} of them "
+                     f"known): the same model's threshold set on the {held} "
+                     f"training photos it never trained on accepts {_with_ci_01_04(c['accepted_heldout'], nc)} of the test photos "
                      f"(set for 95%), against {_with_ci_01_04(c['accepted_every'], nc)} when set on every database "
                      f"photo ({pct(c['trained_share_every'], 0)} of them trained on); "
                      + ("so a threshold set on held-out photos is what the app should use (`make identifier` trains "
