@@ -61,6 +61,9 @@ RECIPES: dict[str, dict] = {
     "pa-k1": {"loss": "proxy_anchor", "proxy-lr": 1e-2, "trainable-stages": 1},
     # the two levers that paid at 10 epochs (Proxy-Anchor, 4 cached augmented views), at the reference length
     "pa-k2-aug4-e20": {"loss": "proxy_anchor", "proxy-lr": 1e-2, "aug-views": 4, "epochs": 20},
+    # and with the next lever per hour (input size)
+    "pa-k2-aug4-e20-192px": {"loss": "proxy_anchor", "proxy-lr": 1e-2, "aug-views": 4, "epochs": 20,
+                             "image-size": 192},
 }
 
 
