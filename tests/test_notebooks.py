@@ -214,3 +214,19 @@ def test_one_set_of_defaults():
         for number in ("01", "03", "06"):
             if k in (cell := _cell_defaults(number)) and k not in ("data_dir", "run_dir"):
                 assert cell[k] == v, f"notebook {number}'s {k} = {cell[k]!r}, the quick profile says {v!r}"
+
+
+def test_publish_checks_the_notebooks_it_will_not_rerun_before_running_any(tmp_path, monkeypatch):
+    run, repo = tmp_path / "run", tmp_path / "repo"
+    _executed(run / "notebooks" / "01_eda.ipynb")
+    (repo / "notebooks").mkdir(parents=True)
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# 01 · edited")]),
+                   repo / "notebooks" / "01_eda.ipynb")
+    with pytest.raises(SystemExit, match="01_eda.ipynb were run from other sources"):
+        study.refuse_stale(run, repo)
+    study.refuse_stale(run, repo, skip={"01_eda.ipynb"})  # about to be rerun: fine
+    ran = []
+    monkeypatch.setattr(study, "run_notebook", lambda *a, **k: ran.append(a) or 0.0)
+    with pytest.raises(SystemExit, match="were run from other sources"):  # 01 differs from the repository's
+        study.main(["--profile", "full", "--only", "02", "--publish", "-p", "run_dir", str(run)])
+    assert not ran  # refused before running anything

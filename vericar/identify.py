@@ -35,7 +35,7 @@ from .export import torch_embedder
 from .predict import CarIdentifier, database_rows
 from .study import NOTEBOOKS_DIR, PROFILES, PROJECT_ROOT
 from .config import TrainConfig
-from .runs import TrainedRun, load_model, load_run
+from .runs import TrainedRun, load_run
 from .train import train
 
 LEVELS = ("make", "type", "model", "year")
@@ -272,7 +272,7 @@ class IdentifyService:
         run, cars = open_run(run_dir, data_dir)
         identifier = CarIdentifier.from_run(run, cars)
         rows, _ = database_rows(run)
-        model = load_model(run)
+        model = identifier.model  # loaded once, by the identifier
         if backend == "auto":
             sample = torch.stack([square_tensor(cars.image(int(r)), run.config.image_size, model.spec.interpolation)
                                   for r in rows[:16]])

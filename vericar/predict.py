@@ -36,10 +36,11 @@ def database_rows(run: TrainedRun) -> tuple[np.ndarray, np.ndarray | None]:
     ``split.query``), with the mask of the held-out ones (for :meth:`CarIdentifier.calibrate`). Otherwise the
     split's database and None (the threshold is then set on photos the model trained on)."""
     split = run.split
-    if run.config.protocol not in HELDOUT_PROTOCOLS or len(np.intersect1d(split.query, split.train)):
-        return split.database, None
-    rows = np.union1d(split.database, split.query)
-    return rows, np.isin(rows, split.query)
+    rows = split.database
+    if run.config.protocol in HELDOUT_PROTOCOLS and not len(np.intersect1d(split.query, split.train)):
+        rows = np.union1d(split.database, split.query)
+    heldout = ~np.isin(rows, split.train)  # e.g. zero-shot: a database of classes never trained on
+    return rows, heldout if heldout.any() else None
 
 
 class CarIdentifier:

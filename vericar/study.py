@@ -174,6 +174,18 @@ def source_cells(path: Path) -> list[tuple[str, str]]:
             if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
 
 
+def refuse_stale(run_dir: Path, project_root: Path = PROJECT_ROOT, skip: set[str] = frozenset()) -> None:
+    """Refuse (SystemExit) when an executed notebook of ``run_dir`` (but those named in ``skip``, about to be
+    rerun) was run from other cells than the repository's: publishing it would undo the edits."""
+    stale = [nb.name for nb in sorted((run_dir / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+             if nb.name not in skip and (project_root / "notebooks" / nb.name).is_file()
+             and source_cells(nb) != source_cells(project_root / "notebooks" / nb.name)]
+    if stale:
+        raise SystemExit(f"refusing to publish: the run's executed {', '.join(stale)} were run from other sources "
+                         "than the repository's notebooks/ (edited since?); copying them would undo those edits. "
+                         f"Rerun them into the run first (--only {' '.join(n[:2] for n in stale)}), then publish.")
+
+
 def publish(run_dir: Path, project_root: Path = PROJECT_ROOT) -> list[Path]:
     """Copy a run's figures, results and executed notebooks into the repository's ``figures/``, ``results/`` and
     ``notebooks/`` (the reference run: the committed notebooks are its executed copies, outputs kept).
@@ -194,12 +206,7 @@ def publish(run_dir: Path, project_root: Path = PROJECT_ROOT) -> list[Path]:
             raise SystemExit(f"refusing to publish {nb}: the published notebooks are the full profile's, executed "
                              f"on real data without errors (parameters: dataset={params.get('dataset')!r}, "
                              f"quick={params.get('quick')!r}, exception={meta.get('exception')!r})")
-    stale = [nb.name for nb in executed if (project_root / "notebooks" / nb.name).is_file()
-             and source_cells(nb) != source_cells(project_root / "notebooks" / nb.name)]
-    if stale:
-        raise SystemExit(f"refusing to publish: the run's executed {', '.join(stale)} were run from other sources "
-                         "than the repository's notebooks/ (edited since?); copying them would undo those edits. "
-                         f"Rerun them into the run first (--only {' '.join(n[:2] for n in stale)}), then publish.")
+    refuse_stale(run_dir, project_root)
     from .results import write_results
     cost = run_cost(run_dir)
     write_results(run_dir, "reference_cost", {"dataset": "stanford_cars", "device": f"cpu ({os.cpu_count()} cores)", **cost},
@@ -248,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[COMMAND_ENV] = command
     selected = notebooks(args.only)
     run_dir = None
+    if args.publish and selected:  # before hours of running, not after: the others are published as they are
+        first = parameters_for(selected[0], args.profile, overrides).get("run_dir")
+        refuse_stale(Path(first or PROJECT_ROOT / PROFILES[args.profile]["all"]["run_dir"]),
+                     skip={nb.name for nb in selected})
     total = time.perf_counter()
     for nb in selected:
         params = parameters_for(nb, args.profile, overrides)
