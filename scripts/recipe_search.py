@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = {"dataset": "stanford_cars", "data-dir": str(ROOT.parent / "shared/data/stanford_cars_small"),
         "protocol": "val", "image-size": 160, "train-backbone": False, "trainable-stages": 2,
         "backbone-lr": 1e-3, "head-lr": 1e-3, "flip-tta": True, "epochs": 10, "eval-every": 5,
-        "batch-size": 128, "m-per-class": 4, "device": "cpu"}
+        "batch-size": 128, "m-per-class": 4, "aug-views": 0, "device": "cpu"}  # aug-views: TrainConfig's is 4 now
 
 RECIPES: dict[str, dict] = {
     # loss, at the depth the issue measured best per hour (last 2 stages on the cached trunk)

@@ -269,6 +269,19 @@ def test_augmented_views_are_cached_once_and_drawn_in_training(synthcars_tiny, t
         dataclasses.replace(TINY, aug_views=2)  # a fine-tune augments on the fly
 
 
+def test_the_default_views_are_the_recipes_for_cached_modes_and_none_for_a_fine_tune():
+    from vericar.config import CACHED_AUG_VIEWS
+    from vericar.study import reference_recipe
+
+    assert TrainConfig().aug_views == CACHED_AUG_VIEWS == reference_recipe()["aug_views"] == 4
+    assert TrainConfig(train_backbone=True).aug_views == 0  # a fine-tune needs no aug_views=0 spelt out
+    assert TrainConfig(aug_views=0).aug_views == 0 and TrainConfig(aug_views=2).aug_views == 2
+    stored = TrainConfig.from_json(TrainConfig().to_json())  # a run folder's config reads back unchanged
+    assert stored == TrainConfig() and stored.to_json()["aug_views"] == 4
+    with pytest.raises(ValueError, match="aug_views=0"):
+        dataclasses.replace(TrainConfig(), train_backbone=True)  # 4 views made explicit, then a fine-tune
+
+
 def test_save_pooled_keeps_the_trained_backbones_features(synthcars_tiny, tmp_path):
     config = dataclasses.replace(TINY, train_backbone=False, trainable_stages=1, epochs=2, save_pooled=True)
     run = train(synthcars_tiny, config, tmp_path / "run", progress=False, cache_dir=tmp_path / "cache")
