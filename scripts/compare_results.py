@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         diffs = [(k, fa[k], fb[k]) for k in common if fa[k] != fb[k]]
         big = [d for d in diffs if abs(d[1] - d[2]) > 0.01 * max(1.0, abs(d[1]))]
         total, same = total + len(common), same + len(common) - len(diffs)
-        print(f"{a.name}: {len(common)} common numbers, {len(diffs)} differ, {len(big)} by more than 1% "
-              f"(only in the first {len(set(fa) - set(fb))}, only in the second {len(set(fb) - set(fa))})")
+        print(f"{a.name}: {len(common)} common numbers, {len(diffs)} differ, {len(big)} by more than 0.01 "
+              f"(1% above 1); only in the first {len(set(fa) - set(fb))}, only in the second {len(set(fb) - set(fa))}")
         for k, x, y in big[:8]:
             print(f"   {k}: {x:.4g} -> {y:.4g}")
     print(f"all: {same}/{total} identical")

@@ -81,6 +81,9 @@ def run(name: str, runs: Path, log, *, test: bool = False) -> None:
     if (run_dir / "metrics.json").is_file():
         print(f"{run_dir.name}: finished already", file=log, flush=True)
         return
+    if test and not (runs / name / "metrics.json").is_file():
+        raise SystemExit(f"{name} has no finished validation run in {runs / name}: test numbers are only for "
+                         f"recipes chosen on validation; run `python scripts/recipe_search.py {name}` first")
     recipe = {**RECIPES[name], "protocol": "official"} if test else RECIPES[name]
     cmd = [sys.executable, "-m", "vericar.train", *flags(recipe), "--run-dir", str(run_dir)]
     print(f"{time.strftime('%H:%M:%S')} {name}: {' '.join(cmd)}", file=log, flush=True)

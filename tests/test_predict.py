@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 
 import numpy as np
 import pandas as pd
@@ -111,6 +112,10 @@ def test_from_run_on_a_seed_run_holds_every_training_photo_and_calibrates_on_the
     assert len(ident.index) == len(train_images) and int(ident.heldout.sum()) == len(run.split.query)
     test = test_photo_rows(run, synthcars_tiny)
     assert not np.isin(test, train_images).any() and len(test) == (synthcars_tiny.table["split"] == "test").sum()
+    no_test = copy.copy(synthcars_tiny)
+    no_test.table = synthcars_tiny.table.assign(split="train")
+    with pytest.raises(ValueError, match="no test photos of known cars"):
+        test_photo_rows(run, no_test)
     table = calibration_check(run, synthcars_tiny)
     assert list(table["calibration_photos"]) == [len(train_images), len(run.split.query)]
     assert table.loc[1, "threshold"] == pytest.approx(ident.threshold)

@@ -124,7 +124,8 @@ def find_runs(roots: Sequence[Path] = DEFAULT_RUN_ROOTS) -> list[Path]:
 
 
 def default_run(roots: Sequence[Path] = DEFAULT_RUN_ROOTS) -> tuple[Path, str]:
-    """The newest real-data run, else the quick profile's SynthCars official run (trained when missing).
+    """The newest real-data run, else the quick profile's SynthCars seed run (trained when missing; protocol
+    ``seed`` like ``make identifier``, so that its unknown threshold is set on photos it did not train on).
 
     Returns ``(run_dir, note)``; the note says which run is served and how to get a real one.
     """
@@ -134,10 +135,10 @@ def default_run(roots: Sequence[Path] = DEFAULT_RUN_ROOTS) -> tuple[Path, str]:
            "`python -m vericar.identify --epochs 10`, then `python -m vericar.app --run <the folder it prints>`")
     if real:
         return real[0], f"serving the newest real-data run {real[0]}"
-    quick = recipe_run_dir("quick", "official")
+    quick = recipe_run_dir("quick", "seed")
     if not (quick / "metrics.json").is_file():
         print(f"[vericar] no trained run found; training the quick profile's SynthCars identifier into {quick}")
-        quick = train_identifier("quick", "official")
+        quick = train_identifier("quick", "seed")
     return quick, f"serving the SynthCars demo run {quick} (invented cars, not real ones); {how}"
 
 
@@ -456,9 +457,13 @@ def test_photo_rows(run: TrainedRun, cars: CarsDataset) -> np.ndarray:
     """The test photos of known cars for an identifier built on ``run``: ``split.query``, or, where the
     queries are held-out training photos that the identifier's database holds (``predict.HELDOUT_PROTOCOLS``),
     the official test images (the split trains on every class)."""
-    if database_rows(run)[1] is None:
-        return run.split.query
-    return np.flatnonzero((cars.table["split"] == "test").to_numpy())
+    rows = run.split.query if database_rows(run)[1] is None else np.flatnonzero(
+        (cars.table["split"] == "test").to_numpy())
+    if not len(rows):
+        raise ValueError(f"{run.path}: no test photos of known cars to show (protocol {run.config.protocol!r} "
+                         f"with {cars.name}'s images); use a run of protocol seed or official on data with a test "
+                         "split")
+    return rows
 
 
 def example_photos(run: TrainedRun, cars: CarsDataset, examples: int, seed: int = 0
