@@ -48,7 +48,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "all": {"dataset": "synthetic", "data_dir": "data/synthcars", "run_dir": "runs/quick", "quick": True,
                 "device": "auto", "seed": 0},
         "per_notebook": {
-            "03": {"image_size": 128, "epochs": 15, "batch_size": 64, "trainable_stages": 0},
+            "03": {"image_size": 128, "epochs": 15, "batch_size": 64, "trainable_stages": 0, "aug_views": 0},
             "02": {"image_size": 128, "epochs": 10, "batch_size": 64, "trainable_stages": 0},
         },
     },
