@@ -411,18 +411,17 @@ def test_nb07_on_the_reference_results():
     result = _results("07_hierarchy_ablation")
     first = headline("07", result)
     assert first.startswith("**Neither HiMS variant is significantly better than flat MS at any of 28")
-    assert "HiMS-Max +1.4 points at seed/make" in first and "does not survive the adjustment" in first
+    assert "HiMS-Max +1.7 points at open-world, held-out models (eligible)/make" in first and "does not survive the adjustment" in first
     text = findings("07", result)
     ms_ow = next(e for e in result["entries"] if e["loss"] == "ms" and e["protocol"] == "open-world")
-    assert f"MS {100 * ms_ow['metrics']['precision_at_1']:.1f}%" in text and "MS 59.0%" in text
+    assert f"MS {100 * ms_ow['metrics']['precision_at_1']:.1f}%" in text and "MS 56.6%" in text
     assert "stanford_cars, open-world, efficientnet_lite0 @ 160 px" in text and "not reproduced" in text
     assert 2 <= sum(line.startswith("- ") for line in text.splitlines()) <= 6
 
 
 def test_nb07_verdict_flips():
     result = copy.deepcopy(_results("07_hierarchy_ablation"))
-    hit = next(c for e in result["entries"] for c in e["vs_ms"] if c["panel"] == "seed" and c["level"] == "make"
-               and c["diff"] > 0.01)
+    hit = next(c for e in result["entries"] for c in e["vs_ms"] if c["diff"] > 0.01)  # the largest gain
     hit.update(verdict="better", p_holm=0.01)
     for e in result["entries"]:
         e["dataset"] = "synthetic"
