@@ -87,6 +87,7 @@ def main(argv=None) -> int:
                 time.sleep(1)
         rows.append({"step": "app until GET /health answers", "seconds": time.perf_counter() - t0})
         metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+        config = json.loads((Path(run_dir) / "config.json").read_text())
     finally:
         if app is not None:
             app.terminate()
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
     import torch
 
     payload = {"benchmark": "bench_fresh_identifier", "results": rows,
-               "identifier": {"run": Path(run_dir).name, "protocol": metrics.get("protocol", "seed"),
+               "identifier": {"run": Path(run_dir).name, "protocol": config["protocol"],
                               "precision_at_1": metrics["trained"]["precision_at_1"],
                               "train_seconds": metrics["train_seconds"], "threshold_from": health.get("calibration")},
                "target_minutes": 30, "within_target": total <= 30 * 60,
