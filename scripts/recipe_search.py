@@ -8,7 +8,8 @@ Each recipe is a set of ``python -m vericar.train`` flags on top of :data:`BASE`
 folder under ``--runs`` (default ``~/.cache/vericar/search``, outside the work tree, so a run cut off by a
 session's end resumes in the next one). No official test image is read: protocol ``val`` trains on 80% of
 each class's training images and queries the other 20%. The table has one row per finished run, read from
-its run folder (config.json, metrics.json). Test-set numbers only for recipes chosen on it (``--test``:
+its run folder (config.json, metrics.json), or, for a run whose folder is not on this machine, kept from the
+committed table. Test-set numbers only for recipes chosen on it (``--test``:
 results/recipe_search_test.md; the reference recipe's is notebook 03's official model).
 """
 
@@ -162,20 +163,33 @@ def main(argv=None) -> int:
     return 0
 
 
-def write(runs: Path) -> None:
-    t = table(runs)
+def merged(fresh: pd.DataFrame, committed: Path) -> pd.DataFrame:
+    """``fresh`` rows (run folders on this machine) plus the committed table's rows of recipes whose run folders
+    are not here (trained on an earlier machine: the work tree and ~/.cache are laid anew), in RECIPES order."""
+    if not committed.is_file():
+        return fresh
+    old = pd.read_csv(committed)
+    kept = old[~old["recipe"].isin(fresh["recipe"] if not fresh.empty else [])]
+    both = pd.concat([kept, fresh], ignore_index=True) if not fresh.empty else kept
+    order = {name: i for i, name in enumerate(RECIPES)}
+    return both.sort_values("recipe", key=lambda c: c.map(order).fillna(len(order)), kind="stable",
+                            ignore_index=True)
+
+
+def write(runs: Path, out: Path = ROOT / "results") -> None:
+    t = merged(table(runs), out / "recipe_search.csv")
     if t.empty:
         return
-    t.to_csv(ROOT / "results/recipe_search.csv", index=False)
+    t.to_csv(out / "recipe_search.csv", index=False)
     header = ("Recipe search (protocol `val`: 80/20 per class of the official training images of "
               "stanford_cars_small, bbox crops 128 px; CPU, 2 cores; `python scripts/recipe_search.py`). "
               "Validation numbers only; `load_at_end` is the 1-min load average when the run ended (other "
               "work on the machine slows the wall times; runs here used one thread each, two side by side).\n\n")
-    (ROOT / "results/recipe_search.md").write_text(header + t.to_markdown(index=False) + "\n")
-    tt = test_table(runs)
+    (out / "recipe_search.md").write_text(header + t.to_markdown(index=False) + "\n")
+    tt = merged(test_table(runs), out / "recipe_search_test.csv")
     if not tt.empty:
-        tt.to_csv(ROOT / "results/recipe_search_test.csv", index=False)
-        (ROOT / "results/recipe_search_test.md").write_text(
+        tt.to_csv(out / "recipe_search_test.csv", index=False)
+        (out / "recipe_search_test.md").write_text(
             "The recipes chosen on validation (results/recipe_search.md), trained on protocol official (all "
             "official training images) and measured once on the official test set of stanford_cars_small "
             "(Lite0, CPU, 1 thread per run; `python scripts/recipe_search.py --test RECIPE`; 95% Wilson "

@@ -162,21 +162,42 @@ def test_publish_writes_what_the_run_cost(tmp_path):
     nb.metadata["papermill"].update(duration=600.0, start_time="2026-01-01T10:00:00+00:00",
                                     end_time="2026-01-01T10:10:00+00:00")
     nbformat.write(nb, run / "notebooks" / "03_training.ipynb")
-    for name, seconds in (("official", 3000.0), ("seed", 1800.0), ("07_ms_seed", 100.0), ("alongside", 900.0)):
-        (run / "models" / name).mkdir(parents=True)
-        (run / "models" / name / "metrics.json").write_text(json.dumps({"train_seconds": seconds}))
     inside = datetime.datetime(2026, 1, 1, 10, 5, tzinfo=datetime.timezone.utc).timestamp()
-    os.utime(run / "models" / "07_ms_seed" / "metrics.json", (inside, inside))  # trained while 03 ran
-    os.utime(run / "models" / "alongside" / "metrics.json", (inside, inside))  # finished then, began before 03
+    for name, seconds, notebook, written in (
+            ("official", 3000.0, None, None),
+            ("seed", 1800.0, None, None),
+            ("07_ms_seed", 100.0, "absent", inside),  # an older run folder: no field, the time window decides
+            ("alongside", 900.0, "absent", inside),  # finished while 03 ran, began before it: not inside
+            ("zero-shot", 200.0, "03_training", inside),  # trained by notebook 03 during its run
+            ("open-world", 250.0, None, inside),  # trained by another process while 03 ran: added
+            ("earlier", 150.0, "03_training", None)):  # by an earlier run of 03, loaded by this one: added
+        (run / "models" / name).mkdir(parents=True)
+        record = {"train_seconds": seconds} | ({} if notebook == "absent" else {"trained_in_notebook": notebook})
+        (run / "models" / name / "metrics.json").write_text(json.dumps(record))
+        if written:
+            os.utime(run / "models" / name / "metrics.json", (written, written))
     (run / "models" / "unfinished").mkdir()  # no metrics.json: not counted
     (repo / "notebooks").mkdir(parents=True)
     study.publish(run, project_root=repo)
     cost = json.loads((repo / "results" / "reference_cost.json").read_text())
-    assert cost["train_seconds_ahead"] == {"official": 3000.0, "seed": 1800.0, "alongside": 900.0}
-    assert cost["train_seconds_in_notebooks"] == {"07_ms_seed": 100.0}  # in the notebook's duration already
+    assert cost["train_seconds_ahead"] == {"official": 3000.0, "seed": 1800.0, "alongside": 900.0,
+                                           "open-world": 250.0, "earlier": 150.0}
+    # in the notebook's duration already
+    assert cost["train_seconds_in_notebooks"] == {"07_ms_seed": 100.0, "zero-shot": 200.0}
     assert cost["notebook_seconds"] == {"03_training": 600.0}
-    assert cost["metrics"]["total_hours"] == pytest.approx((600 + 3000 + 1800 + 900) / 3600)
+    assert cost["metrics"]["total_hours"] == pytest.approx((600 + 3000 + 1800 + 900 + 250 + 150) / 3600)
     assert cost["dataset"] == "stanford_cars" and cost["device"].startswith("cpu (")
+
+
+def test_a_notebook_run_by_the_study_tells_its_kernel_its_name(tmp_path):
+    """The kernel sees VERICAR_NOTEBOOK (models trained there record it for run_cost); the runner's own
+    environment is left as it was."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import os\nassert os.environ['VERICAR_NOTEBOOK'] == '99_probe', os.environ.get('VERICAR_NOTEBOOK')")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "99_probe.ipynb")
+    study.run_notebook(tmp_path / "99_probe.ipynb", tmp_path / "out" / "99_probe.ipynb", {}, progress=False)
+    assert "VERICAR_NOTEBOOK" not in os.environ
 
 
 @pytest.mark.parametrize("bad", [{"quick": True}, {"dataset": "synthetic"}, {"exception": True}])

@@ -105,11 +105,15 @@ def test_a_seed_loss_run_resumes_in_a_fresh_process_once_its_module_is_imported(
     np.testing.assert_allclose(load_run(tmp_path / "resumed").embeddings, full.embeddings, atol=2e-3)
 
 
-def test_finished_run_is_loaded_not_retrained(synthcars_tiny, tmp_path):
+def test_finished_run_is_loaded_not_retrained(synthcars_tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("VERICAR_NOTEBOOK", "03_training")  # as the study runner sets it for a notebook's kernel
     train(synthcars_tiny, TINY, tmp_path / "r", progress=False)
+    monkeypatch.delenv("VERICAR_NOTEBOOK")
     called = []
     again = train(synthcars_tiny, TINY, tmp_path / "r", progress=False, callback=lambda *a: called.append(a))
     assert not called and again.metrics["trained"]
+    assert again.metrics["trained_in_notebook"] == "03_training"  # who trained it, not who loaded it (run_cost)
+    assert train(synthcars_tiny, TINY, tmp_path / "r2", progress=False).metrics["trained_in_notebook"] is None
     with pytest.raises(FileNotFoundError, match="notebook 03_training"):
         load_run(tmp_path / "missing")
 

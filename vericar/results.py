@@ -21,6 +21,7 @@ import numpy as np
 
 #: Set by ``python -m vericar.study`` so that every results file records the command that made it.
 COMMAND_ENV = "VERICAR_STUDY_COMMAND"
+NOTEBOOK_ENV = "VERICAR_NOTEBOOK"  # set by the study runner while a notebook runs (models record it: run_cost)
 
 
 def run_paths(run_dir: str | Path) -> tuple[Path, Path]:

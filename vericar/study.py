@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig
-from .results import COMMAND_ENV
+from .results import COMMAND_ENV, NOTEBOOK_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
@@ -127,6 +127,8 @@ def run_notebook(notebook: Path, output: Path, parameters: dict[str, Any], *, pr
 
     output.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    before = os.environ.get(NOTEBOOK_ENV)
+    os.environ[NOTEBOOK_ENV] = notebook.stem  # the kernel inherits it: models trained here say so (run_cost)
     try:
         papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name="python3",
                                    cwd=str(notebook.parent), progress_bar=progress, request_save_on_cell_execute=True)
@@ -134,31 +136,45 @@ def run_notebook(notebook: Path, output: Path, parameters: dict[str, Any], *, pr
         raise NotebookFailed(
             f"{notebook.name} failed in cell {err.cell_index} (execution count {err.exec_count}): "
             f"{err.ename}: {err.evalue}\n  the executed notebook, with the traceback, is {output}") from None
+    finally:
+        if before is None:
+            os.environ.pop(NOTEBOOK_ENV, None)
+        else:
+            os.environ[NOTEBOOK_ENV] = before
     return time.perf_counter() - start
 
 
 def run_cost(run_dir: Path) -> dict[str, Any]:
     """What a study run cost in wall time on its machine: each executed notebook's papermill duration, plus the
     ``train_seconds`` of every model trained outside the notebooks (ahead, by ``scripts/reference_models.py``,
-    or copied in). A model whose whole training (``metrics.json``'s time minus ``train_seconds``) lies inside a
-    notebook's run was trained by that notebook and is already in its duration, so it is listed, not added again
-    (a model trained alongside, in another process, overlaps a window without lying inside it)."""
+    or copied in). A model trained by one of the run's notebooks during that notebook's run (its
+    ``metrics.json`` names the notebook, ``trained_in_notebook``, and its training lies inside that notebook's
+    papermill window) is already in the notebook's duration, so it is listed, not added again. A model trained
+    alongside in another process (``scripts/reference_models.py`` while a notebook runs) names no notebook and
+    is added, whatever its times. Older run folders, whose models name no notebook, fall back to the time
+    window alone: inside when the whole training lies inside some notebook's run."""
     import datetime as dt
     import json
 
-    notebooks, windows = {}, []
+    notebooks, windows = {}, {}
     for nb in sorted((run_dir / "notebooks").glob("[0-9][0-9]_*.ipynb")):
         meta = json.loads(nb.read_text())["metadata"].get("papermill", {})
         notebooks[nb.stem] = float(meta.get("duration") or 0)
         if meta.get("start_time") and meta.get("end_time"):
-            windows.append(tuple(dt.datetime.fromisoformat(meta[k]).timestamp() for k in ("start_time", "end_time")))
+            windows[nb.stem] = tuple(dt.datetime.fromisoformat(meta[k]).timestamp() for k in ("start_time", "end_time"))
     ahead, inside = {}, {}
     for metrics in sorted((run_dir / "models").glob("*/metrics.json")):
-        seconds = json.loads(metrics.read_text()).get("train_seconds")
-        if seconds is not None:
-            written = metrics.stat().st_mtime
-            trained_within = any(a <= written - seconds and written <= b for a, b in windows)
-            (inside if trained_within else ahead)[metrics.parent.name] = float(seconds)
+        record = json.loads(metrics.read_text())
+        seconds = record.get("train_seconds")
+        if seconds is None:
+            continue
+        written = metrics.stat().st_mtime
+        if "trained_in_notebook" in record:
+            candidates = [windows[record["trained_in_notebook"]]] if record["trained_in_notebook"] in windows else []
+        else:  # a run folder from before the field: the time window alone
+            candidates = list(windows.values())
+        trained_within = any(a <= written - seconds and written <= b for a, b in candidates)
+        (inside if trained_within else ahead)[metrics.parent.name] = float(seconds)
     total = sum(notebooks.values()) + sum(ahead.values())
     return {"notebook_seconds": notebooks, "train_seconds_ahead": ahead, "train_seconds_in_notebooks": inside,
             "metrics": {"notebooks_seconds": sum(notebooks.values()), "training_seconds": sum(ahead.values()),

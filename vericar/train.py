@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
 import time
 import warnings
@@ -57,6 +58,7 @@ from .embed import (augment, augment_normalized, cached_features, decode_images,
 from .evaluation import evaluate_embeddings
 from .losses import PROXY_LOSSES, check_loss_name, level_label_matrix, make_loss
 from .models import build_model, flip_average, split_backbone
+from .results import NOTEBOOK_ENV
 from .runio import atomic_path, data_fingerprint, load_checkpoint, save_checkpoint, write_json
 from .runs import (DAMAGED_CHECKPOINT, TrainedRun, existing_run, load_run, load_weights, model_state,
                    refuse_other_config, split_arrays, split_for)
@@ -448,7 +450,8 @@ def _write_run_folder(run: _Run, run_dir: Path, history: list[dict[str, Any]], t
     metrics = {"frozen": run.frozen_metrics, "trained": final, "train_seconds": train_seconds,
                "peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                "images_per_second": images_seen / max(train_seconds, 1e-9), "device": _device_name(device),
-               "steps_per_epoch": run.steps_per_epoch, "train_images": len(run.split.train)}
+               "steps_per_epoch": run.steps_per_epoch, "train_images": len(run.split.train),
+               "trained_in_notebook": os.environ.get(NOTEBOOK_ENV)}  # the study's cost accounting (run_cost)
     with atomic_path(run_dir / "history.csv") as tmp:
         pd.DataFrame(history).to_csv(tmp, index=False)
     run.model.eval()
