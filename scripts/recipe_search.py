@@ -65,6 +65,9 @@ RECIPES: dict[str, dict] = {
     # and with the next lever per hour (input size)
     "pa-k2-aug4-e20-192px": {"loss": "proxy_anchor", "proxy-lr": 1e-2, "aug-views": 4, "epochs": 20,
                              "image-size": 192},
+    # or with the other lever measured alone at 10 epochs (one more trainable stage)
+    "pa-k3-aug4-e20": {"loss": "proxy_anchor", "proxy-lr": 1e-2, "aug-views": 4, "epochs": 20,
+                       "trainable-stages": 3},
 }
 
 
