@@ -57,6 +57,7 @@ RECIPES: dict[str, dict] = {
     "ms-k2-lite2": {"loss": "ms", "backbone": "efficientnet_lite2"},
     # the levers again on the chosen loss (Proxy-Anchor)
     "pa-k2-e20": {"loss": "proxy_anchor", "proxy-lr": 1e-2, "epochs": 20},
+    "pa-k2-128px": {"loss": "proxy_anchor", "proxy-lr": 1e-2, "image-size": 128},  # the crops' own size
     "pa-k2-192px": {"loss": "proxy_anchor", "proxy-lr": 1e-2, "image-size": 192},
     "pa-k2-lite2": {"loss": "proxy_anchor", "proxy-lr": 1e-2, "backbone": "efficientnet_lite2"},
     "pa-k1": {"loss": "proxy_anchor", "proxy-lr": 1e-2, "trainable-stages": 1},
@@ -66,6 +67,7 @@ RECIPES: dict[str, dict] = {
     "pa-k2-aug4-e20-192px": {"loss": "proxy_anchor", "proxy-lr": 1e-2, "aug-views": 4, "epochs": 20,
                              "image-size": 192},
     # or with the other lever measured alone at 10 epochs (one more trainable stage)
+    "pa-k3-aug4": {"loss": "proxy_anchor", "proxy-lr": 1e-2, "aug-views": 4, "trainable-stages": 3},
     "pa-k3-aug4-e20": {"loss": "proxy_anchor", "proxy-lr": 1e-2, "aug-views": 4, "epochs": 20,
                        "trainable-stages": 3},
 }
