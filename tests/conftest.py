@@ -58,6 +58,17 @@ def compact_dir(tmp_path) -> Path:
     return write_compact(tmp_path / "compact")
 
 
+def load_script(relative: str):
+    """A script of the repository (``scripts/...``, ``benchmarks/...``: not a package) imported as a module."""
+    import importlib.util
+
+    path = PROJECT_ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def artifact_path(relative: str, tmp_path: Path) -> Path:
     """Where a test writes a file the repository publishes (the app's screenshot, the load test's latencies).
 

@@ -174,12 +174,8 @@ def test_a_shorter_identifier_gets_its_own_run_folder(monkeypatch):
 
 def test_load_20_clients_x_10_requests_without_errors(tiny_run, tmp_path):
     """Bounded load on localhost; p50/p95 latency go to benchmarks/results/app_load_test.json (when publishing)."""
-    import importlib.util
-
-    from conftest import PROJECT_ROOT, artifact_path
-    spec = importlib.util.spec_from_file_location("bench_app", PROJECT_ROOT / "benchmarks" / "bench_app.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from conftest import artifact_path, load_script
+    bench = load_script("benchmarks/bench_app.py")
     service = IdentifyService.from_run(tiny_run.path, backend="torch")
     app = create_app(service)
     result = bench.load_test(app, bench.query_photos(service, tiny_run), clients=20, requests=10)

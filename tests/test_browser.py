@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from conftest import PROJECT_ROOT, artifact_path
+from conftest import artifact_path, load_script
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -23,12 +23,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _screenshot_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("app_screenshot", PROJECT_ROOT / "scripts" / "app_screenshot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/app_screenshot.py")
 
 
 @pytest.fixture(scope="module")

@@ -3,20 +3,15 @@ fits the device's return limits (at most 8 files) and loads back as run folders.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
+from conftest import load_script
 from vericar.runs import load_model, load_run
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("gpu_trip", ROOT / "scripts" / "gpu_trip.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/gpu_trip.py")
 
 
 def test_gpu_trip_rehearsal_returns_loadable_runs(synthcars_tiny, tmp_path):

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("recipe_search", ROOT / "scripts" / "recipe_search.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 def _finished_run(folder: Path, p1: float) -> None:
@@ -30,7 +22,7 @@ def _finished_run(folder: Path, p1: float) -> None:
 
 
 def test_rebuilding_the_table_on_a_new_machine_keeps_the_committed_rows(tmp_path):
-    search = _script()
+    search = load_script("scripts/recipe_search.py")
     runs, out = tmp_path / "runs", tmp_path / "results"
     out.mkdir()
     _finished_run(runs / "pa-k2", 0.70)
