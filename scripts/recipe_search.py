@@ -68,8 +68,6 @@ RECIPES: dict[str, dict] = {
                              "image-size": 192},
     # or with the other lever measured alone at 10 epochs (one more trainable stage)
     "pa-k3-aug4": {"loss": "proxy_anchor", "proxy-lr": 1e-2, "aug-views": 4, "trainable-stages": 3},
-    "pa-k3-aug4-e20": {"loss": "proxy_anchor", "proxy-lr": 1e-2, "aug-views": 4, "epochs": 20,
-                       "trainable-stages": 3},
 }
 
 

@@ -3,8 +3,8 @@
 With glibc's defaults, every allocation above its mmap threshold (which adapts, but never above 32 MiB on 64-bit
 Linux) gets fresh pages from the kernel and returns them when freed. A batch of 128 images at 160 px has many
 activations that large, so every forward and backward pass page-faults in, and the kernel zero-fills, gigabytes
-of memory: measured on our 2 cores, about 800,000 minor page faults per batch of the cached trunk and half of the
-CPU time spent in the kernel. ``mallopt(M_MMAP_MAX, 0)`` serves those blocks from the heap, and a high
+of memory: measured on our 2 cores, about 660,000 minor page faults per batch of the frozen trunk and half of the
+CPU time spent in the kernel (benchmarks/results/bench_allocator.json). ``mallopt(M_MMAP_MAX, 0)`` serves those blocks from the heap, and a high
 ``M_TRIM_THRESHOLD`` keeps freed memory there for the next batch. ``benchmarks/bench_allocator.py`` measures
 both settings side by side (img/s, page faults, peak memory).
 
