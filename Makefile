@@ -31,11 +31,13 @@ report: $(VENV)/.installed
 
 # A real Stanford Cars identifier in the browser: train (or reuse) the seed-protocol model (80% of the training
 # photos; the other 20% set the unknown threshold) with the full profile's recipe cut to IDENTIFIER_EPOCHS epochs
-# (runs/full/models/seed-e10; IDENTIFIER_EPOCHS=20 is the recipe itself, notebook 03's run folder), then serve
-# it at http://127.0.0.1:8000/ (vericar.app).
+# at IDENTIFIER_IMAGE_SIZE px (runs/full/models/seed-e10-160px: under 30 minutes from a fresh clone on 2 cores;
+# IDENTIFIER_EPOCHS=20 IDENTIFIER_IMAGE_SIZE=192 is the recipe itself, notebook 03's run folder), then serve it at
+# http://127.0.0.1:8000/ (vericar.app).
 IDENTIFIER_EPOCHS ?= 10
+IDENTIFIER_IMAGE_SIZE ?= 160
 identifier: $(VENV)/.installed
-	run=$$($(PY) -m vericar.identify --profile full --epochs $(IDENTIFIER_EPOCHS)) && $(PY) -m vericar.app --run "$$run"
+	run=$$($(PY) -m vericar.identify --profile full --epochs $(IDENTIFIER_EPOCHS) --image-size $(IDENTIFIER_IMAGE_SIZE)) && $(PY) -m vericar.app --run "$$run"
 
 # What a GPU trip carries (README, "GPU trip"): the GPU copy of the data as one archive (the device's upload
 # limit counts per-file overhead) and the wheels the device lacks; scripts/gpu_trip.sh unpacks them there.

@@ -1,5 +1,6 @@
 """How long a newcomer waits for a real Stanford Cars identifier: a fresh clone, `make setup`, the identifier's
-training (`python -m vericar.identify --profile full --epochs 10`, what `make identifier` runs) with a cold
+training (`python -m vericar.identify --profile full --epochs 10 --image-size 160`, what `make identifier`
+runs) with a cold
 feature cache, then the app until `GET /health` answers.
 
     python benchmarks/bench_fresh_identifier.py                     # on every core this process may use
@@ -44,6 +45,7 @@ def free_port() -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=10, help="the identifier's epochs (make identifier: 10)")
+    parser.add_argument("--image-size", type=int, default=160, help="the identifier's input size (make identifier: 160)")
     parser.add_argument("--keep", action="store_true", help="keep the clone and its logs")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/bench_fresh_identifier.json")
     args = parser.parse_args(argv)
@@ -67,10 +69,10 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         with open(clone / "identify.log", "w") as log:
             cmd = [str(clone / ".venv/bin/python"), "-m", "vericar.identify", "--profile", "full",
-                   "--epochs", str(args.epochs)]
+                   "--epochs", str(args.epochs), "--image-size", str(args.image_size)]
             run_dir = subprocess.run(cmd, cwd=clone, env=identify_env, stdout=subprocess.PIPE, stderr=log, text=True,
                                      check=True).stdout.strip().splitlines()[-1]
-        rows.append({"step": f"python -m vericar.identify --profile full --epochs {args.epochs}",
+        rows.append({"step": f"python -m vericar.identify --profile full --epochs {args.epochs} --image-size {args.image_size}",
                      "seconds": time.perf_counter() - t0})
         port = free_port()
         t0 = time.perf_counter()

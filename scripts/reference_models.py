@@ -7,7 +7,8 @@ Each model is trained exactly as the notebook that owns it would train it (same 
 the notebooks find it finished and load it: ``official``, ``seed``, ``zero-shot`` and ``open-world`` as
 notebook 03 does (the full profile's recipe, :func:`vericar.study.reference_recipe`), ``open-world-year``,
 ``open-world-make`` and ``ssb`` as notebook 06 does (the open-world config with another holdout, or protocol
-``ssb`` with the pooled features saved). On two CPU cores, two calls side by side (each ``OMP_NUM_THREADS=1``
+``ssb`` with the pooled features saved), and ``hierarchy``: the nine models of notebook 07's ablation (MS, HiMS-Min,
+HiMS-Max x seed, zero-shot, open-world; head only, on the reference run's settings). On two CPU cores, two calls side by side (each ``OMP_NUM_THREADS=1``
 and pinned to a core with ``taskset``) train two models in the time of one.
 """
 
@@ -19,11 +20,16 @@ import json
 from pathlib import Path
 
 from vericar import study
+from vericar.analyses import hierarchy as hier
 from vericar.config import TrainConfig
 from vericar.data import open_dataset
 from vericar.train import train
 
-MODELS = ("official", "seed", "zero-shot", "open-world", "open-world-year", "open-world-make", "ssb")
+MODELS = ("official", "seed", "zero-shot", "open-world", "open-world-year", "open-world-make", "ssb", "hierarchy")
+#: Notebook 07's parameters for the full profile (its defaults; a test checks them against the notebook).
+HIERARCHY = {"losses": ["ms", "hims_min", "hims_max"],
+             "protocols": ["seed", "zero-shot", "open-world"], "trainable_stages": 0,
+             "hierarchy_order": "fine_to_coarse", "level_weights": [1.0, 1.0, 1.0, 1.0]}
 
 
 def config_for(name: str) -> TrainConfig:
@@ -37,6 +43,18 @@ def config_for(name: str) -> TrainConfig:
     return dataclasses.replace(base, protocol="ssb", holdout="model", save_pooled=True, ssb_file="")
 
 
+def hierarchy_configs() -> dict[tuple[str, str], TrainConfig]:
+    """The configs notebook 07 trains in the full profile: the official model's settings (the notebook reads
+    them from its ``config.json``), head only, one per (loss, protocol); folders ``07_<loss>_<protocol>``."""
+    official = config_for("official")
+    base, _ = hier.base_config(None, **{k: getattr(official, k) for k in
+                                        ("backbone", "image_size", "epochs", "batch_size", "m_per_class")},
+                               train_backbone=False, trainable_stages=HIERARCHY["trainable_stages"],
+                               device=official.device, seed=official.seed, loss="ms", loss_kwargs={})
+    return hier.grid_configs(base, HIERARCHY["losses"], HIERARCHY["protocols"], hierarchical_kwargs={
+        "order": HIERARCHY["hierarchy_order"], "level_weights": list(HIERARCHY["level_weights"])})
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", choices=MODELS)
@@ -45,6 +63,11 @@ def main(argv=None) -> int:
     data_dir = (study.PROJECT_ROOT / study.PROFILES["full"]["all"]["data_dir"]).resolve()
     cars = open_dataset("stanford_cars", str(data_dir))
     for name in args.models:
+        if name == "hierarchy":
+            runs = hier.train_grid(cars, hierarchy_configs(), args.run_dir / "models", progress=True)
+            print(json.dumps({"model": name, "train_seconds": sum(r.metrics["train_seconds"] for r in runs.values())}),
+                  flush=True)
+            continue
         run = train(cars, config_for(name), args.run_dir / "models" / name)
         print(json.dumps({"model": name, "trained": run.metrics["trained"]["precision_at_1"],
                           "train_seconds": run.metrics["train_seconds"]}), flush=True)

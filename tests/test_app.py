@@ -156,6 +156,10 @@ def test_a_shorter_identifier_gets_its_own_run_folder(monkeypatch):
     assert identify.recipe_run_dir("full", "official").name == "official"
     assert identify.recipe_run_dir("full", "official", recipe).name == "official"
     assert identify.recipe_run_dir("full", "official", recipe // 2).name == f"official-e{recipe // 2}"
+    size = recipe_config("full", "official")[0].image_size
+    assert identify.recipe_run_dir("full", "official", 10, size - 32).name == f"official-e10-{size - 32}px"
+    assert identify.recipe_run_dir("full", "official", None, size - 32).name == f"official-e{recipe}-{size - 32}px"
+    assert identify.recipe_run_dir("full", "official", None, size).name == "official"
     trained = {}
 
     def fake_train(cars, config, out, progress=True):
@@ -168,6 +172,9 @@ def test_a_shorter_identifier_gets_its_own_run_folder(monkeypatch):
         identify.train_identifier("full", data_dir=PROJECT_ROOT, epochs=3)  # the default protocol: seed
     assert trained["config"].epochs == 3 and trained["out"].name == "seed-e3"
     assert trained["config"].protocol == "seed"
+    with pytest.raises(SystemExit):
+        identify.train_identifier("full", data_dir=PROJECT_ROOT, epochs=10, image_size=160)  # make identifier's
+    assert (trained["config"].epochs, trained["config"].image_size, trained["out"].name) == (10, 160, "seed-e10-160px")
     with pytest.raises(ValueError, match="at least 1"):
         identify.train_identifier("full", "official", data_dir=PROJECT_ROOT, epochs=0)
 

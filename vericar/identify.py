@@ -132,7 +132,7 @@ def default_run(roots: Sequence[Path] = DEFAULT_RUN_ROOTS) -> tuple[Path, str]:
     runs = find_runs(roots)
     real = [r for r in runs if not is_synthetic(r)]
     how = ("make a real Stanford Cars identifier with `make identifier` (it trains, then serves it), or "
-           "`python -m vericar.identify --epochs 10`, then `python -m vericar.app --run <the folder it prints>`")
+           "`python -m vericar.identify --epochs 10 --image-size 160`, then `python -m vericar.app --run <the folder it prints>`")
     if real:
         return real[0], f"serving the newest real-data run {real[0]}"
     quick = recipe_run_dir("quick", "seed")
@@ -170,15 +170,21 @@ def recipe_config(profile: str = "full", protocol: str = "official") -> tuple[Tr
     return config, params
 
 
-def recipe_run_dir(profile: str, protocol: str, epochs: int | None = None) -> Path:
-    """Notebook 03's run folder for ``protocol``; with ``epochs`` other than the recipe's, a sibling
-    ``<protocol>-e<epochs>`` (a shorter run must not sit where notebook 03 expects the recipe's)."""
-    name = protocol if epochs is None or epochs == recipe_config(profile, protocol)[0].epochs else f"{protocol}-e{epochs}"
+def recipe_run_dir(profile: str, protocol: str, epochs: int | None = None, image_size: int | None = None) -> Path:
+    """Notebook 03's run folder for ``protocol``; with ``epochs`` or ``image_size`` other than the recipe's, a
+    sibling ``<protocol>-e<epochs>[-<image_size>px]`` (a shorter run must not sit where notebook 03 expects the
+    recipe's)."""
+    recipe = recipe_config(profile, protocol)[0]
+    epochs = recipe.epochs if epochs is None else epochs
+    image_size = recipe.image_size if image_size is None else image_size
+    name = protocol
+    if (epochs, image_size) != (recipe.epochs, recipe.image_size):
+        name += f"-e{epochs}" + ("" if image_size == recipe.image_size else f"-{image_size}px")
     return PROJECT_ROOT / PROFILES[profile]["all"]["run_dir"] / "models" / name
 
 
 def train_identifier(profile: str = "full", protocol: str = "seed", data_dir: str | Path | None = None,
-                     progress: bool = True, epochs: int | None = None) -> Path:
+                     progress: bool = True, epochs: int | None = None, image_size: int | None = None) -> Path:
     """Train (or reuse) the identifier with the chosen recipe into ``runs/<profile>/models/<protocol>``.
 
     The default protocol ``seed`` trains on 80% of each class's training photos; the identifier built on it
@@ -187,7 +193,9 @@ def train_identifier(profile: str = "full", protocol: str = "seed", data_dir: st
 
     ``epochs`` shortens (or lengthens) the recipe for a quicker identifier (``make identifier`` trains 10 of
     the recipe's 20 epochs, about half the training time, for a somewhat weaker model: README, "Identify your
-    own photo"); such a run goes to ``<protocol>-e<epochs>`` beside notebook 03's.
+    own photo"); ``image_size`` likewise (``make identifier`` uses 160 px, the recipe 192: the 1.4x slower
+    trunk cache and training would take a fresh clone's identifier past 30 minutes on 2 cores). Such a run goes
+    to ``<protocol>-e<epochs>[-<image_size>px]`` beside notebook 03's.
     """
     from .data import open_dataset
 
@@ -196,13 +204,17 @@ def train_identifier(profile: str = "full", protocol: str = "seed", data_dir: st
         if epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {epochs}")
         config = replace(config, epochs=epochs)
+    if image_size is not None:
+        if image_size < 32:
+            raise ValueError(f"image_size must be at least 32 px, got {image_size}")
+        config = replace(config, image_size=image_size)
     data_dir = Path(data_dir or params["data_dir"])
     data_dir = data_dir if data_dir.is_absolute() else PROJECT_ROOT / data_dir
     if params["dataset"] == "stanford_cars" and not data_dir.is_dir():
         raise FileNotFoundError(f"no Stanford Cars copy at {data_dir}; pass --data-dir /path/to/stanford_cars "
                                 "(any layout the README lists)")
     cars = open_dataset(params["dataset"], data_dir, synth_config=params.get("synth_preset", "default"))
-    out = recipe_run_dir(profile, protocol, epochs)
+    out = recipe_run_dir(profile, protocol, epochs, image_size)
     start = time.perf_counter()
     run = train(cars, config, out, progress=progress)
     print(f"[vericar] {out}: {config.describe()}, {config.backbone} @ {config.image_size} px; "
@@ -616,9 +628,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="dataset folder (default: the profile's)")
     parser.add_argument("--epochs", type=int, help="train this many epochs instead of the recipe's "
                         "(into <protocol>-e<epochs>, beside notebook 03's run folder)")
+    parser.add_argument("--image-size", type=int, help="input size instead of the recipe's (make identifier: 160; "
+                        "into <protocol>-e<epochs>-<size>px)")
     args = parser.parse_args(argv)
     # the run folder alone on stdout, so that `make identifier` can hand it to the app
-    print(train_identifier(args.profile, args.protocol, args.data_dir, epochs=args.epochs))
+    print(train_identifier(args.profile, args.protocol, args.data_dir, epochs=args.epochs, image_size=args.image_size))
     return 0
 
 
