@@ -68,12 +68,22 @@ RECIPES: dict[str, dict] = {
                              "image-size": 192},
     # or with the other lever measured alone at 10 epochs (one more trainable stage)
     "pa-k3-aug4": {"loss": "proxy_anchor", "proxy-lr": 1e-2, "aug-views": 4, "trainable-stages": 3},
+    # a full fine-tune that starts from the best partial model (its weights and proxies; "{runs}/NAME" is that
+    # recipe's run folder, NAME@official under --test), gently: 10x lower rates, 3 epochs, evaluated each epoch
+    "ft3-from-pa-k2-aug4-e20-192px": {"loss": "proxy_anchor", "proxy-lr": 1e-3, "image-size": 192,
+                                      "train-backbone": True, "trainable-stages": 0, "aug-views": 0,
+                                      "backbone-lr": 1e-4, "head-lr": 1e-4, "batch-size": 64, "epochs": 3,
+                                      "eval-every": 1, "init-from": "{runs}/pa-k2-aug4-e20-192px"},
 }
 
 
-def flags(recipe: dict) -> list[str]:
+def flags(recipe: dict, runs: Path | None = None, test: bool = False) -> list[str]:
+    """``python -m vericar.train`` flags; ``{runs}/NAME`` (a recipe starting from another's run) becomes that
+    run folder under ``runs`` (``NAME@official`` for a test run: official from official, no validation leak)."""
     out = []
     for key, value in {**BASE, **recipe}.items():
+        if isinstance(value, str) and value.startswith("{runs}/"):
+            value = str(Path(runs) / (value.removeprefix("{runs}/") + ("@official" if test else "")))
         out += [f"--{key}", str(value)]
     return out
 
@@ -89,7 +99,7 @@ def run(name: str, runs: Path, log, *, test: bool = False) -> None:
         raise SystemExit(f"{name} has no finished validation run in {runs / name}: test numbers are only for "
                          f"recipes chosen on validation; run `python scripts/recipe_search.py {name}` first")
     recipe = {**RECIPES[name], "protocol": "official"} if test else RECIPES[name]
-    cmd = [sys.executable, "-m", "vericar.train", *flags(recipe), "--run-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "vericar.train", *flags(recipe, runs, test), "--run-dir", str(run_dir)]
     print(f"{time.strftime('%H:%M:%S')} {name}: {' '.join(cmd)}", file=log, flush=True)
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -109,7 +119,8 @@ def table(runs: Path) -> pd.DataFrame:
         extra = json.loads((d / "search.json").read_text()) if (d / "search.json").is_file() else {}
         hist = pd.read_csv(d / "history.csv")
         curve = " / ".join(f"{p:.3f}" for p in hist["precision_at_1"].dropna())
-        mode = ("full fine-tune" if cfg["train_backbone"] else
+        mode = ("full fine-tune" + (f" from {Path(cfg['init_from']).name}" if cfg.get("init_from") else "")
+                if cfg["train_backbone"] else
                 f"last {cfg['trainable_stages']} stages, cached trunk" if cfg["trainable_stages"] else "head only")
         views = "plain+mirror" + (f"+{cfg.get('aug_views', 0)} aug" if cfg.get("aug_views") else "")
         rows.append({"recipe": name, "mode": mode, "trainable_stages": cfg["trainable_stages"], "views": views,

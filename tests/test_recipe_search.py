@@ -38,3 +38,13 @@ def test_rebuilding_the_table_on_a_new_machine_keeps_the_committed_rows(tmp_path
     search.write(runs2, out)
     assert list(pd.read_csv(out / "recipe_search.csv")["val_precision_at_1"]) == [0.65, 0.72]
     assert "| pa-k2 " in (out / "recipe_search.md").read_text()
+
+
+def test_a_recipe_starting_from_another_points_at_its_run_folder_official_from_official(tmp_path):
+    search = load_script("scripts/recipe_search.py")
+    name = "ft3-from-pa-k2-aug4-e20-192px"
+    val = search.flags(search.RECIPES[name], tmp_path)
+    test = search.flags({**search.RECIPES[name], "protocol": "official"}, tmp_path, test=True)
+    assert val[val.index("--init-from") + 1] == str(tmp_path / "pa-k2-aug4-e20-192px")
+    assert test[test.index("--init-from") + 1] == str(tmp_path / "pa-k2-aug4-e20-192px@official")
+    assert val[val.index("--train-backbone") + 1] == "True" and "{runs}" not in " ".join(val + test)

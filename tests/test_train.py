@@ -349,3 +349,45 @@ def test_lr_schedule_resumes_from_its_state_and_from_the_former_lambda_checkpoin
     sched3 = lr_scheduler(opt3, 10, 3)
     restore_scheduler(sched3, legacy)
     assert opt3.param_groups[0]["lr"] == pytest.approx(full[4], rel=1e-12)
+
+
+def test_a_run_can_start_from_another_runs_weights_and_proxies(synthcars_tiny, tmp_path):
+    """init_from: a full fine-tune from a finished (e.g. partial) run starts from its weights and proxies, not
+    from the ImageNet ones; a run that would leak evaluation images into its start, or another model shape, is
+    refused before anything is written."""
+    from vericar.losses import make_loss
+    from vericar.runs import config_diff
+    from vericar.train import _load_init, _setup_model
+
+    start = dataclasses.replace(TINY, protocol="val", loss="proxy_anchor", proxy_lr=1e-2, epochs=2,
+                                train_backbone=False, trainable_stages=1, aug_views=0)
+    first = train(synthcars_tiny, start, tmp_path / "partial", progress=False)
+    then = dataclasses.replace(start, train_backbone=True, init_from=str(tmp_path / "partial"), epochs=1)
+    model = _setup_model(then, torch.device("cpu"))
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = np.unique(synthcars_tiny.labels[first.split.train])
+    loss = make_loss("proxy_anchor", classes=classes, embedding_size=then.embedding_dim)
+    _load_init(first, model, loss)
+    theirs = torch.load(tmp_path / "partial" / "checkpoint.pt", weights_only=False)
+    assert all(torch.equal(model.state_dict()[k], theirs["model"][k]) for k in fresh)
+    assert any(not torch.equal(fresh[k], theirs["model"][k]) for k in fresh)  # the start did change
+    np.testing.assert_allclose(loss.proxies().numpy(), np.load(tmp_path / "partial" / "proxies.npz")["proxies"],
+                               atol=1e-6)
+    run = train(synthcars_tiny, then, tmp_path / "full", progress=False)
+    assert run.config.init_from == str(tmp_path / "partial") and len(run.history) == 1
+
+    official = train(synthcars_tiny, dataclasses.replace(start, protocol="official"), tmp_path / "official",
+                     progress=False)
+    with pytest.raises(ValueError, match=r"trained on \d+ images this run does not train on"):
+        train(synthcars_tiny, dataclasses.replace(then, init_from=str(official.path)), tmp_path / "leak",
+              progress=False)
+    with pytest.raises(ValueError, match="embedding_dim"):
+        train(synthcars_tiny, dataclasses.replace(then, embedding_dim=64), tmp_path / "shape", progress=False)
+    with pytest.raises(ValueError, match="deeper into the backbone"):
+        train(synthcars_tiny, dataclasses.replace(start, trainable_stages=0, init_from=str(tmp_path / "partial")),
+              tmp_path / "shallow", progress=False)
+    assert not (tmp_path / "leak").exists() or not any((tmp_path / "leak").iterdir())
+    # run folders written before the field existed are still this config's
+    older = {k: v for k, v in TINY.to_json().items() if k != "init_from"}
+    assert config_diff(older, TINY.to_json()) == {}
+    assert "init_from" in config_diff(older, then.to_json())

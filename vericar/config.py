@@ -66,6 +66,10 @@ class TrainConfig:
     holdout: str = "model"
     holdout_fraction: float = 0.2
     ssb_file: str = ""  # protocol "ssb": the SSB class split; "" looks beside the dataset (splits.SSB_DEFAULT)
+    # a finished run folder whose trained weights (and class proxies, for a proxy loss) start this run instead of
+    # the ImageNet weights, e.g. a full fine-tune from the best partial model; it must have trained on no image
+    # this run evaluates on (checked)
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -104,4 +108,8 @@ class TrainConfig:
 #: Settings that do not change the trained model: evaluation only reads it, and each epoch's randomness is
 #: seeded from (seed, epoch). A finished or interrupted run is reused whatever they are.
 NOT_AFFECTING_THE_MODEL = ("eval_every", "save_pooled")
+
+#: Fields added after run folders existed -> the value their absence from an older ``config.json`` means
+#: (what every run did before the field), so that older runs are still reused and resumed.
+ADDED_SINCE: dict[str, Any] = {"init_from": ""}
 

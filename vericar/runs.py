@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import NOT_AFFECTING_THE_MODEL, TrainConfig
+from .config import ADDED_SINCE, NOT_AFFECTING_THE_MODEL, TrainConfig
 from .data import CarsDataset, Split, make_split
 from .embed import resolve_device
 from .models import build_model
@@ -102,6 +102,7 @@ def config_diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, An
     """The fields (but :data:`NOT_AFFECTING_THE_MODEL`) whose values differ: ``{field: (a's, b's)}``."""
     skip = set(NOT_AFFECTING_THE_MODEL) | {k for k in RECORDED_SINCE if k not in a or k not in b}
     unset = "<unset>"
+    a, b = ADDED_SINCE | a, ADDED_SINCE | b  # an older config.json without a newer field: its old behaviour
     return {k: (a.get(k, unset), b.get(k, unset)) for k in sorted((set(a) | set(b)) - skip)
             if a.get(k, unset) != b.get(k, unset)}
 

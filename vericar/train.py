@@ -60,7 +60,7 @@ from .losses import PROXY_LOSSES, check_loss_name, level_label_matrix, make_loss
 from .models import build_model, flip_average, split_backbone
 from .results import NOTEBOOK_ENV
 from .runio import atomic_path, data_fingerprint, load_checkpoint, save_checkpoint, write_json
-from .runs import (DAMAGED_CHECKPOINT, TrainedRun, existing_run, load_run, load_weights, model_state,
+from .runs import (DAMAGED_CHECKPOINT, TrainedRun, existing_run, load_run, load_weights, model_file, model_state,
                    refuse_other_config, split_arrays, split_for)
 
 DEFAULT_CACHE = Path.home() / ".cache" / "vericar" / "features"
@@ -158,11 +158,12 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
         config_json["world_size"] = ddp.world_size
         distributed.check_batch_size(config.batch_size, config.m_per_class if config.sampler == "m_per_class" else None)
     _check_config(config)
+    init = _init_source(config, split, cars)  # before the run folder is touched
     state = existing_run(run_dir, config_json, resume=resume, overwrite=overwrite, is_main=ddp.is_main)
     if state == "finished":
         return load_run(run_dir, cars)
 
-    run = _setup(cars, config, split, train_labels, run_dir, config_json, cache_dir, progress)
+    run = _setup(cars, config, split, train_labels, run_dir, config_json, cache_dir, progress, init)
     ckpt_path = run_dir / "checkpoint.pt"
     history, start_epoch = _resume(run, ckpt_path) if state == "resume" else ([], 0)
 
@@ -281,7 +282,8 @@ def _evaluate(emb: np.ndarray, cars: CarsDataset, split: Split, config: TrainCon
 
 
 def _setup(cars: CarsDataset, config: TrainConfig, split: Split, train_labels: np.ndarray | None, run_dir: Path,
-           config_json: dict[str, Any], cache_dir: str | Path | None, progress: bool) -> _Run:
+           config_json: dict[str, Any], cache_dir: str | Path | None, progress: bool,
+           init: TrainedRun | None = None) -> _Run:
     """Model, loss, inputs, the frozen baseline, optimiser and schedule of a run about to train (from epoch 0 or
     before :func:`_resume`); writes ``config.json``. The order is fixed: each step draws from the seeded RNG."""
     ddp = distributed.context()
@@ -299,6 +301,8 @@ def _setup(cars: CarsDataset, config: TrainConfig, split: Split, train_labels: n
     loss_kwargs = ({"classes": np.unique(y_train), "embedding_size": config.embedding_dim, **config.loss_kwargs}
                    if proxy_loss else config.loss_kwargs)
     loss_fn = distributed.wrap_loss(make_loss(config.loss, **loss_kwargs)).to(device)
+    if init is not None:
+        _load_init(init, model, loss_fn)
     level_labels = (torch.from_numpy(level_label_matrix(y_train, cars.hierarchy))
                     if getattr(loss_fn, "needs_level_labels", False) else None)
     inputs = _setup_inputs(cars, config, model, device, cache_dir, progress)
@@ -517,6 +521,42 @@ def _device_name(device: torch.device) -> str:
         return f"cuda ({torch.cuda.get_device_name(device)})"
     import os
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _init_source(config: TrainConfig, split: Split, cars: CarsDataset) -> TrainedRun | None:
+    """The finished run ``config.init_from`` names, checked: the same model shape, no image this run evaluates
+    on among its training images (it would leak them), and in the cached modes a trunk it did not train (the
+    trunk cache holds the ImageNet trunk's outputs)."""
+    if not config.init_from:
+        return None
+    init = load_run(config.init_from, cars)
+    shape = ("backbone", "embedding_dim", "hidden_dim", "flip_tta")
+    other = {k: (getattr(init.config, k), getattr(config, k)) for k in shape if getattr(init.config, k) != getattr(config, k)}
+    if other:
+        raise ValueError(f"init_from {config.init_from}: its model is not this run's ({other}, theirs then ours); "
+                         "start from a run with the same backbone, embedding_dim, hidden_dim and flip_tta")
+    leaked = np.setdiff1d(init.split.train, split.train)
+    if len(leaked):
+        raise ValueError(f"init_from {config.init_from}: it trained on {len(leaked)} images this run does not train "
+                         f"on (its protocol {init.config.protocol!r}, this run's {config.protocol!r}), so this run's "
+                         "evaluation would see images its starting weights learnt; start from a run of the same "
+                         "protocol (e.g. val from val, official from official)")
+    if not config.train_backbone and (init.config.train_backbone or init.config.trainable_stages > config.trainable_stages):
+        raise ValueError(f"init_from {config.init_from}: it trained deeper into the backbone than this run's "
+                         f"{config.trainable_stages} stages on the cached trunk, whose cache holds the ImageNet "
+                         "trunk's outputs; train at least as deep (or train_backbone=True)")
+    return init
+
+
+def _load_init(init: TrainedRun, model: nn.Module, loss_fn: nn.Module) -> None:
+    """``init``'s weights into ``model``, and its class proxies into a proxy loss over the same classes."""
+    ckpt = load_checkpoint(model_file(init), "cpu", fix=DAMAGED_CHECKPOINT)
+    load_weights(model, ckpt["model"])
+    own = getattr(loss_fn, "module", loss_fn)
+    if ckpt.get("loss") is not None and hasattr(own, "classes"):
+        theirs = ckpt["loss"].get("classes")
+        if theirs is not None and torch.equal(theirs.cpu(), own.classes.cpu()):
+            own.load_state_dict(ckpt["loss"])
 
 
 def _check_config(config: TrainConfig) -> None:
