@@ -26,10 +26,6 @@ from vericar.data import open_dataset
 from vericar.train import train
 
 MODELS = ("official", "seed", "zero-shot", "open-world", "open-world-year", "open-world-make", "ssb", "hierarchy")
-#: Notebook 07's parameters for the full profile (its defaults; a test checks them against the notebook).
-HIERARCHY = {"losses": ["ms", "hims_min", "hims_max"],
-             "protocols": ["seed", "zero-shot", "open-world"], "trainable_stages": 0,
-             "hierarchy_order": "fine_to_coarse", "level_weights": [1.0, 1.0, 1.0, 1.0]}
 
 
 def config_for(name: str) -> TrainConfig:
@@ -44,15 +40,17 @@ def config_for(name: str) -> TrainConfig:
 
 
 def hierarchy_configs() -> dict[tuple[str, str], TrainConfig]:
-    """The configs notebook 07 trains in the full profile: the official model's settings (the notebook reads
-    them from its ``config.json``), head only, one per (loss, protocol); folders ``07_<loss>_<protocol>``."""
+    """The configs notebook 07 trains in the full profile (its parameters, :func:`hierarchy.ablation_configs`),
+    with the official model's settings, which the notebook reads from that model's ``config.json``, taken from
+    its config here (it may not be written yet); folders ``07_<loss>_<protocol>``."""
+    notebook = study.NOTEBOOKS_DIR / "07_hierarchy_ablation.ipynb"
+    params = {**study.notebook_parameters(notebook), **study.parameters_for(notebook, "full", {})}
     official = config_for("official")
-    base, _ = hier.base_config(None, **{k: getattr(official, k) for k in
-                                        ("backbone", "image_size", "epochs", "batch_size", "m_per_class")},
-                               train_backbone=False, trainable_stages=HIERARCHY["trainable_stages"],
-                               device=official.device, seed=official.seed, loss="ms", loss_kwargs={})
-    return hier.grid_configs(base, HIERARCHY["losses"], HIERARCHY["protocols"], hierarchical_kwargs={
-        "order": HIERARCHY["hierarchy_order"], "level_weights": list(HIERARCHY["level_weights"])})
+    given = {k: getattr(official, k) if params[k] is None else params[k] for k in hier.ABLATION_FALLBACK}
+    return hier.ablation_configs(None, losses=params["losses"], protocols=params["protocols"],
+                                 trainable_stages=params["trainable_stages"], hierarchy_order=params["hierarchy_order"],
+                                 level_weights=params["level_weights"], device=params["device"], seed=params["seed"],
+                                 **given)[3]
 
 
 def main(argv=None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from conftest import load_script
+from vericar.config import TrainConfig
 
 
 def test_models_are_balanced_over_the_cores_longest_first():
@@ -28,29 +29,28 @@ def test_dry_run_prints_one_pinned_single_threaded_queue_per_core_then_the_study
 
 def test_the_hierarchy_job_trains_the_models_notebook_07_would(tmp_path):
     """Trained ahead, notebook 07 must find its nine models finished with its own configs (else it refuses them
-    and retrains): its parameter defaults and the config it builds from the official model's folder."""
+    and retrains): the notebook reads the official model's settings from its config.json (written here as
+    notebook 03 builds it, vericar.identify.recipe_config), the job from scripts' config_for."""
     import json
-
-    import papermill as pm
 
     from vericar import study
     from vericar.analyses import hierarchy as hier
+    from vericar.identify import recipe_config
 
     models = load_script("scripts/reference_models.py")
-    params = {k: v["default"] for k, v in pm.inspect_notebook(str(study.NOTEBOOKS_DIR / "07_hierarchy_ablation.ipynb")).items()}
-    assert "07" not in study.PROFILES["full"]["per_notebook"]  # the full profile keeps 07's defaults
-    for key, value in models.HIERARCHY.items():
-        assert eval(params[key]) == value, key  # noqa: S307 (the notebook's own literal)
     official = tmp_path / "official"
     official.mkdir()
-    (official / "config.json").write_text(json.dumps({**models.config_for("official").to_json(), "dataset": "x"}))
-    given = hier.reference_settings(official, {"backbone": None, "image_size": None, "epochs": None,
-                                               "batch_size": None, "m_per_class": None}, {})
-    base, _ = hier.base_config(official, **given, train_backbone=False, trainable_stages=0, device="auto", seed=0,
-                               loss="ms", loss_kwargs={})
-    notebook = hier.grid_configs(base, models.HIERARCHY["losses"], models.HIERARCHY["protocols"],
-                                 hierarchical_kwargs={"order": "fine_to_coarse", "level_weights": [1.0] * 4})
+    (official / "config.json").write_text(json.dumps({**recipe_config("full", "official")[0].to_json(),
+                                                      "dataset": "Stanford Cars 196"}))
+    notebook = study.NOTEBOOKS_DIR / "07_hierarchy_ablation.ipynb"
+    params = {**study.notebook_parameters(notebook), **study.parameters_for(notebook, "full", {})}
+    keys = ("losses", "protocols", "trainable_stages", "hierarchy_order", "level_weights", "device", "seed",
+            *hier.ABLATION_FALLBACK)
+    base, source, _, built = hier.ablation_configs(official, **{k: params[k] for k in keys})
+    assert source == official / "config.json"
     ahead = models.hierarchy_configs()
-    assert list(ahead) == list(notebook) and len(ahead) == 9
-    assert all(ahead[key].to_json() == notebook[key].to_json() for key in ahead)
-    assert ahead["hims_max", "seed"].image_size == models.config_for("official").image_size
+    assert list(ahead) == list(built) and len(ahead) == 9
+    assert all(ahead[key].to_json() == built[key].to_json() for key in ahead)
+    assert base.image_size == TrainConfig().image_size and base.trainable_stages == 0 and not base.train_backbone
+    # without the official model's folder the notebook falls back to other settings: the job must not
+    assert hier.ablation_configs(tmp_path / "none", **{k: params[k] for k in keys})[0].image_size != base.image_size

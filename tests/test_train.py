@@ -373,8 +373,21 @@ def test_a_run_can_start_from_another_runs_weights_and_proxies(synthcars_tiny, t
     assert any(not torch.equal(fresh[k], theirs["model"][k]) for k in fresh)  # the start did change
     np.testing.assert_allclose(loss.proxies().numpy(), np.load(tmp_path / "partial" / "proxies.npz")["proxies"],
                                atol=1e-6)
-    run = train(synthcars_tiny, then, tmp_path / "full", progress=False)
+    import vericar.train as train_module
+    loads = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "_load_init", lambda init, *a: loads.append(init.path) or _load_init(init, *a))
+        run = train(synthcars_tiny, then, tmp_path / "full", progress=False)
+        assert loads == [tmp_path / "partial"]  # trained from its weights
+        (tmp_path / "moved").mkdir()
+        (tmp_path / "partial").rename(tmp_path / "moved" / "partial")
+        again = train(synthcars_tiny, then, tmp_path / "full", progress=False)  # finished: loaded, start not needed
+        assert loads == [tmp_path / "partial"] and np.array_equal(again.embeddings, run.embeddings)
     assert run.config.init_from == str(tmp_path / "partial") and len(run.history) == 1
+    (tmp_path / "moved" / "partial").rename(tmp_path / "partial")
+    with pytest.warns(UserWarning, match="proxies start afresh"):  # an MS run has no proxies to start from
+        ms = train(synthcars_tiny, dataclasses.replace(start, loss="ms"), tmp_path / "ms", progress=False)
+        train(synthcars_tiny, dataclasses.replace(then, init_from=str(ms.path)), tmp_path / "from_ms", progress=False)
 
     official = train(synthcars_tiny, dataclasses.replace(start, protocol="official"), tmp_path / "official",
                      progress=False)

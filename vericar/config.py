@@ -68,7 +68,7 @@ class TrainConfig:
     ssb_file: str = ""  # protocol "ssb": the SSB class split; "" looks beside the dataset (splits.SSB_DEFAULT)
     # a finished run folder whose trained weights (and class proxies, for a proxy loss) start this run instead of
     # the ImageNet weights, e.g. a full fine-tune from the best partial model; it must have trained on no image
-    # this run evaluates on (checked)
+    # this run evaluates on (checked). The run's "frozen" baseline (metrics.json) is then that starting model's.
     init_from: str = ""
 
     def __post_init__(self) -> None:

@@ -12,7 +12,6 @@ kept across restarts (``added_cars.npz`` in the run folder, written atomically).
 from __future__ import annotations
 
 import argparse
-import ast
 import base64
 import io
 import json
@@ -33,7 +32,7 @@ from .data import CarsDataset, load_stanford_cars, parse_class_name
 from .embed import square_tensor
 from .export import torch_embedder
 from .predict import CarIdentifier, database_rows
-from .study import NOTEBOOKS_DIR, PROFILES, PROJECT_ROOT
+from .study import NOTEBOOKS_DIR, PROFILES, PROJECT_ROOT, notebook_parameters
 from .config import TrainConfig
 from .runs import TrainedRun, load_run
 from .train import train
@@ -144,17 +143,6 @@ def default_run(roots: Sequence[Path] = DEFAULT_RUN_ROOTS) -> tuple[Path, str]:
 
 # -- the chosen recipe ---------------------------------------------------------------------------------
 
-def notebook_parameters(path: Path) -> dict:
-    """The default values of a notebook's ``parameters`` cell (its literal assignments)."""
-    cells = [c for c in json.loads(Path(path).read_text())["cells"]
-             if "parameters" in c.get("metadata", {}).get("tags", [])]
-    if len(cells) != 1:
-        raise ValueError(f"{path} needs exactly one cell tagged 'parameters', found {len(cells)}")
-    tree = ast.parse("".join(cells[0]["source"]))
-    return {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
-            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
-
-
 def recipe_config(profile: str = "full", protocol: str = "official") -> tuple[TrainConfig, dict]:
     """The TrainConfig notebook 03 builds under ``profile`` (its parameter defaults + the profile's overrides).
 
@@ -194,7 +182,7 @@ def train_identifier(profile: str = "full", protocol: str = "seed", data_dir: st
     ``epochs`` shortens (or lengthens) the recipe for a quicker identifier (``make identifier`` trains 10 of
     the recipe's 20 epochs, about half the training time, for a somewhat weaker model: README, "Identify your
     own photo"); ``image_size`` likewise (``make identifier`` uses 160 px, the recipe 192: the 1.4x slower
-    trunk cache and training would take a fresh clone's identifier past 30 minutes on 2 cores). Such a run goes
+    trunk cache and training would take a fresh clone's identifier to an estimated 30+ minutes on 2 cores). Such a run goes
     to ``<protocol>-e<epochs>[-<image_size>px]`` beside notebook 03's.
     """
     from .data import open_dataset

@@ -109,6 +109,20 @@ def declared_parameters(path: Path) -> dict[str, Any]:
     return papermill.inspect_notebook(str(path))
 
 
+def notebook_parameters(path: Path) -> dict:
+    """The default values of a notebook's ``parameters`` cell (its literal assignments)."""
+    import ast
+    import json
+
+    cells = [c for c in json.loads(Path(path).read_text())["cells"]
+             if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise ValueError(f"{path} needs exactly one cell tagged 'parameters', found {len(cells)}")
+    tree = ast.parse("".join(cells[0]["source"]))
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+
+
 def parameters_for(notebook: Path, profile: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """The profile's parameters plus overrides, restricted to those the notebook declares, paths made absolute."""
     spec = PROFILES[profile]

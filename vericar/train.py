@@ -158,10 +158,15 @@ def train(cars: CarsDataset, config: TrainConfig, run_dir: str | Path, *, split:
         config_json["world_size"] = ddp.world_size
         distributed.check_batch_size(config.batch_size, config.m_per_class if config.sampler == "m_per_class" else None)
     _check_config(config)
-    init = _init_source(config, split, cars)  # before the run folder is touched
+    # the starting run is read and checked only to train from epoch 0 (a finished run is loaded, an interrupted
+    # one resumes from its own checkpoint, even where the starting run's folder is gone), before any file is
+    # deleted (overwrite) or written
+    init = _init_source(config, split, cars) if overwrite else None
     state = existing_run(run_dir, config_json, resume=resume, overwrite=overwrite, is_main=ddp.is_main)
     if state == "finished":
         return load_run(run_dir, cars)
+    if state == "fresh" and init is None:
+        init = _init_source(config, split, cars)
 
     run = _setup(cars, config, split, train_labels, run_dir, config_json, cache_dir, progress, init)
     ckpt_path = run_dir / "checkpoint.pt"
@@ -541,22 +546,32 @@ def _init_source(config: TrainConfig, split: Split, cars: CarsDataset) -> Traine
                          f"on (its protocol {init.config.protocol!r}, this run's {config.protocol!r}), so this run's "
                          "evaluation would see images its starting weights learnt; start from a run of the same "
                          "protocol (e.g. val from val, official from official)")
-    if not config.train_backbone and (init.config.train_backbone or init.config.trainable_stages > config.trainable_stages):
+    if not config.train_backbone and (init.config.train_backbone or init.config.trainable_stages > config.trainable_stages
+                                      or init.config.pretrained != config.pretrained):
         raise ValueError(f"init_from {config.init_from}: it trained deeper into the backbone than this run's "
-                         f"{config.trainable_stages} stages on the cached trunk, whose cache holds the ImageNet "
-                         "trunk's outputs; train at least as deep (or train_backbone=True)")
+                         f"{config.trainable_stages} stages on the cached trunk, or from other starting weights "
+                         f"(pretrained {init.config.pretrained}), and the trunk cache holds the "
+                         f"{'ImageNet' if config.pretrained else 'random'} trunk's outputs; train at least as deep "
+                         "(or train_backbone=True)")
     return init
 
 
 def _load_init(init: TrainedRun, model: nn.Module, loss_fn: nn.Module) -> None:
-    """``init``'s weights into ``model``, and its class proxies into a proxy loss over the same classes."""
+    """``init``'s weights into ``model``, and its class proxies into a proxy loss over the same classes (a
+    warning says when a proxy loss has to start from fresh proxies instead)."""
     ckpt = load_checkpoint(model_file(init), "cpu", fix=DAMAGED_CHECKPOINT)
     load_weights(model, ckpt["model"])
-    own = getattr(loss_fn, "module", loss_fn)
-    if ckpt.get("loss") is not None and hasattr(own, "classes"):
-        theirs = ckpt["loss"].get("classes")
-        if theirs is not None and torch.equal(theirs.cpu(), own.classes.cpu()):
-            own.load_state_dict(ckpt["loss"])
+    own = loss_fn.loss if isinstance(loss_fn, distributed.DistributedLoss) else loss_fn
+    if not hasattr(own, "classes"):
+        return  # no proxies to start from
+    # a run trained under DDP saved its wrapped loss's state under "loss."
+    theirs = {k.removeprefix("loss."): v for k, v in (ckpt.get("loss") or {}).items()}
+    if "classes" in theirs and torch.equal(theirs["classes"].cpu(), own.classes.cpu()):
+        own.load_state_dict(theirs)
+    else:
+        warnings.warn(f"init_from {init.path}: no class proxies for this run's {len(own.classes)} classes there "
+                      f"(its loss {init.config.loss!r}, protocol {init.config.protocol!r}); the proxies start "
+                      "afresh against the trained embedding", stacklevel=3)
 
 
 def _check_config(config: TrainConfig) -> None:

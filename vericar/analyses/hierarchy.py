@@ -72,6 +72,7 @@ from ..retrieval import KNNIndex, hierarchical_predict
 __all__ = [
     "ABLATION_LOSSES",
     "DEPTH_LABELS",
+    "ablation_configs",
     "base_config",
     "compare_variants",
     "effective_level_weights",
@@ -453,6 +454,34 @@ _ENTRY_METRICS = ("precision_at_1", "recall_at_5", "map_at_r", *[f"accuracy_{lv}
                   "make_right_given_class_wrong", "type_right_given_class_wrong", "ood_accuracy_make_known",
                   "ood_accuracy_type_known", "ood_make_known_fraction", "ood_type_known_fraction",
                   "ood_accuracy_make", "ood_accuracy_type")
+
+
+#: Notebook 07's settings when it finds no reference run (notebook 03's ``official``) to take them from.
+ABLATION_FALLBACK = {"backbone": "efficientnet_lite0", "image_size": 128, "epochs": 30, "batch_size": 128,
+                     "m_per_class": 4}
+
+
+def ablation_configs(reference: str | Path | None, *, losses: Iterable[str], protocols: Iterable[str],
+                     trainable_stages: int = 0, hierarchy_order: str = "fine_to_coarse",
+                     level_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0), device: str = "auto", seed: int = 0,
+                     **given) -> tuple[object, Path | None, dict, dict[tuple[str, str], object]]:
+    """Notebook 07's configs: the reference run's settings (``given``: backbone, image_size, epochs, batch_size,
+    m_per_class; ``None`` takes the reference's, or :data:`ABLATION_FALLBACK` without one) with the MS loss,
+    head only (or ``trainable_stages``) on the frozen trunk, then one config per (loss, protocol).
+
+    Returns ``(base, source, hierarchical_kwargs, configs)``: ``source`` is the config file read (``None``:
+    TrainConfig's defaults). ``scripts/reference_models.py hierarchy`` trains the same configs ahead.
+    """
+    settings = {k: given.get(k) for k in ABLATION_FALLBACK}
+    unknown = set(given) - set(ABLATION_FALLBACK)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}; the reference run's are {list(ABLATION_FALLBACK)}")
+    if reference is not None:
+        settings = reference_settings(reference, settings, ABLATION_FALLBACK)
+    base, source = base_config(reference, **settings, train_backbone=False, trainable_stages=trainable_stages,
+                               device=device, seed=seed, loss="ms", loss_kwargs={})
+    hier_kwargs = {"order": hierarchy_order, "level_weights": list(level_weights)}
+    return base, source, hier_kwargs, grid_configs(base, losses, protocols, hierarchical_kwargs=hier_kwargs)
 
 
 def reference_settings(reference: str | Path, given: Mapping[str, object], fallback: Mapping[str, object]) -> dict:
