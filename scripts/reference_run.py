@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Relative training cost of each model (seconds of the last reference run, one core each; ``hierarchy``, notebook
-# 07's nine head-only models, mostly its trunk cache: an estimate until measured): the queues are balanced on
-# these; only their ratios matter.
-COST = {"official": 3286, "zero-shot": 2605, "seed": 2196, "open-world": 2080, "ssb": 1418, "hierarchy": 2000}
+# Relative cost of each model: wall seconds on one core of the 2026-12-03 reference run (192 px; the trunk caches
+# of the last-2-stage modes were warm, notebook 07's full-trunk cache was built by ``hierarchy``; ``official``
+# resumed at epoch 7: its 13 epochs took 2,004 s, 2,950 is the whole). The queues are balanced on these; only
+# their ratios matter.
+COST = {"official": 2950, "zero-shot": 2673, "seed": 2427, "open-world": 2236, "ssb": 1591, "hierarchy": 2366}
 
 
 def queues(models: list[str], cores: int) -> list[list[str]]:
