@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         if photo is None:
             run, cars = open_run(args.run, None)
             photo = Path(tmp) / "a query car.jpg"
-            service.cars.image(int(test_photo_rows(run, cars)[0]))  # not a database photo.save(photo, format="JPEG", quality=92)
+            # a test photo, not one of the database's
+            service.cars.image(int(test_photo_rows(run, cars)[0])).save(photo, format="JPEG", quality=92)
         browser = chrome()
         try:
             with serving(create_app(service)) as url:
