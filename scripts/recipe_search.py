@@ -132,7 +132,7 @@ def table(runs: Path) -> pd.DataFrame:
                      "peak_memory_gib": round(m.get("peak_memory_gib", float("nan")), 2),
                      "val_precision_at_1": round(m["trained"]["precision_at_1"], 4),
                      "val_map_at_r": round(m["trained"]["map_at_r"], 4),
-                     "val_p1_curve (every 5 epochs)": curve,
+                     "val_p1_curve (each evaluation)": curve,
                      "load_at_end": round(extra.get("load_at_end", float("nan")), 1)})
     return pd.DataFrame(rows)
 
@@ -197,7 +197,8 @@ def write(runs: Path, out: Path = ROOT / "results") -> None:
     t.to_csv(out / "recipe_search.csv", index=False)
     header = ("Recipe search (protocol `val`: 80/20 per class of the official training images of "
               "stanford_cars_small, bbox crops 128 px; CPU, 2 cores; `python scripts/recipe_search.py`). "
-              "Validation numbers only; `load_at_end` is the 1-min load average when the run ended (other "
+              "Validation numbers only; `val_p1_curve` is validation P@1 at each evaluation (every `eval_every` epochs: "
+              "5, and 1 for the fine-tune); `load_at_end` is the 1-min load average when the run ended (other "
               "work on the machine slows the wall times; runs here used one thread each, two side by side).\n\n")
     (out / "recipe_search.md").write_text(header + t.to_markdown(index=False) + "\n")
     tt = merged(test_table(runs), out / "recipe_search_test.csv")
