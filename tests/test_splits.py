@@ -158,3 +158,35 @@ def test_real_ssb_split_counts():
     t = cars.table
     assert t.loc[s.train, "class_id"].nunique() == 98 and not set(t.loc[s.train, "class_id"]) & set(s.heldout_class_ids)
     assert t.loc[s.ood_query, "class_id"].nunique() == 98 and set(t.loc[s.query, "split"]) == {"test"}
+
+
+@pytest.mark.parametrize("protocol", ["ssb", "open-world"])
+def test_validation_split_uses_only_training_images_of_known_classes(tmp_path, protocol):
+    from vericar.data import validation_split
+
+    cars = toy(train_per_class=10)
+    kinds = ["known", "easy", "known", "known", "known", "hard", "known", "known"]
+    base = make_split(cars, protocol, ssb_file=_ssb_file(tmp_path, cars, kinds), holdout_fraction=0.3)
+    v = validation_split(cars, base, seed=0, val_fraction=0.2, holdout_fraction=0.4)
+    t = cars.table
+    assert _disjoint(v.train, v.query, v.ood_query)
+    assert set(np.r_[v.train, v.query, v.ood_query]) == set(base.train)  # every known training image, nothing else
+    assert set(t.loc[np.r_[v.train, v.query, v.ood_query], "split"]) == {"train"}
+    assert np.array_equal(v.train, v.database) and len(v.ood_database) == 0
+    val_unknown = set(t.loc[v.ood_query, "class_id"])
+    assert val_unknown == set(v.heldout_class_ids) and not val_unknown & set(t.loc[v.train, "class_id"])
+    assert not val_unknown & set(base.heldout_class_ids)  # the test's unknowns never play a part
+    assert set(t.loc[v.query, "class_id"]) == set(t.loc[v.train, "class_id"])  # 2 of 10 images per known class
+    assert all(n == 2 for n in t.loc[v.query, "class_id"].value_counts())
+    h = cars.hierarchy.set_index("class_id")  # whole models: no held-out class shares a model with a known one
+    models = lambda ids: {tuple(h.loc[i, ["make", "family"]]) for i in ids}
+    assert not models(val_unknown) & models(set(t.loc[v.train, "class_id"]))
+    again = validation_split(cars, base, seed=0, val_fraction=0.2, holdout_fraction=0.4)
+    assert np.array_equal(again.ood_query, v.ood_query) and np.array_equal(again.query, v.query)
+
+
+def test_validation_split_needs_an_open_set_protocol():
+    from vericar.data import validation_split
+
+    with pytest.raises(ValueError, match="no unknown classes"):
+        validation_split(toy(), make_split(toy(), "official"))

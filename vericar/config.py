@@ -66,6 +66,9 @@ class TrainConfig:
     holdout: str = "model"
     holdout_fraction: float = 0.2
     ssb_file: str = ""  # protocol "ssb": the SSB class split; "" looks beside the dataset (splits.SSB_DEFAULT)
+    # open-set protocols (ssb, open-world): train on splits.validation_split of the protocol's training images
+    # instead (some known models play the unknowns), to choose OOD scores, k and thresholds without test images
+    validation: bool = False
     # a finished run folder whose trained weights (and class proxies, for a proxy loss) start this run instead of
     # the ImageNet weights, e.g. a full fine-tune from the best partial model; it must have trained on no image
     # this run evaluates on (checked). The run's "frozen" baseline (metrics.json) is then that starting model's.
@@ -111,5 +114,5 @@ NOT_AFFECTING_THE_MODEL = ("eval_every", "save_pooled")
 
 #: Fields added after run folders existed -> the value their absence from an older ``config.json`` means
 #: (what every run did before the field), so that older runs are still reused and resumed.
-ADDED_SINCE: dict[str, Any] = {"init_from": ""}
+ADDED_SINCE: dict[str, Any] = {"init_from": "", "validation": False}
 

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from .config import ADDED_SINCE, NOT_AFFECTING_THE_MODEL, TrainConfig
-from .data import CarsDataset, Split, make_split
+from .data import CarsDataset, Split, make_split, validation_split
 from .embed import resolve_device
 from .models import build_model
 from .runio import (RunFileError, atomic_path, data_fingerprint, load_checkpoint, load_npz, read_json,
@@ -55,9 +55,13 @@ class TrainedRun:
 
 
 def split_for(cars: CarsDataset, config: TrainConfig) -> Split:
-    return make_split(cars, config.protocol, seed=config.seed, val_fraction=config.val_fraction,
-                      holdout=config.holdout, holdout_fraction=config.holdout_fraction,
-                      ssb_file=config.ssb_file or None)
+    split = make_split(cars, config.protocol, seed=config.seed, val_fraction=config.val_fraction,
+                       holdout=config.holdout, holdout_fraction=config.holdout_fraction,
+                       ssb_file=config.ssb_file or None)
+    if config.validation:
+        split = validation_split(cars, split, seed=config.seed, val_fraction=config.val_fraction,
+                                 holdout_fraction=config.holdout_fraction)
+    return split
 
 
 def model_state(model) -> dict[str, torch.Tensor]:

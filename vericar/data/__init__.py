@@ -12,7 +12,7 @@ from pathlib import Path
 from .dataset import CarsDataset, validate_table
 from .hierarchy import BODY_TYPES, LEVELS, CarLabel, hierarchy_table, level_keys, parse_class_name
 from .images import CorruptImageError, DataError, load_image
-from .splits import HOLDOUT_UNITS, PROTOCOLS, SSB_DIFFICULTIES, Split, make_split, ssb_class_split
+from .splits import HOLDOUT_UNITS, PROTOCOLS, SSB_DIFFICULTIES, Split, make_split, ssb_class_split, validation_split
 from .summary import check_images
 from .stanford import detect_layout, load_stanford_cars, read_class_names, read_devkit_annotations
 
@@ -47,4 +47,5 @@ __all__ = [
     "LEVELS", "PROTOCOLS", "Split", "check_images", "detect_layout", "hierarchy_table",
     "level_keys", "load_image", "load_stanford_cars", "make_split", "open_dataset", "parse_class_name",
     "read_class_names", "read_devkit_annotations", "SSB_DIFFICULTIES", "ssb_class_split", "validate_table",
+    "validation_split",
 ]

@@ -87,17 +87,7 @@ def make_split(cars: CarsDataset, protocol: str, *, seed: int = 0, val_fraction:
         # 'val' draws its queries from another random stream than 'seed', so that choosing a recipe on it does
         # not select on the seed protocol's queries more than chance overlap does
         rng = np.random.default_rng(seed if protocol == "seed" else [seed, 7_777])
-        database, query = [], []
-        for class_id, group in t.iloc[train_rows].groupby("class_id", sort=True):
-            members = group.index.to_numpy()
-            if len(members) < 2:
-                raise DataError(f"class {class_id} has {len(members)} train image(s); protocol {protocol!r} needs "
-                                "at least 2 per class to split 80/20")
-            members = rng.permutation(members)
-            n_query = min(len(members) - 1, max(1, int(round(val_fraction * len(members)))))
-            query.append(members[:n_query])
-            database.append(members[n_query:])
-        database, query = np.sort(np.concatenate(database)), np.sort(np.concatenate(query))
+        database, query = _per_class_split(t, train_rows, val_fraction, rng, protocol)
         return Split(protocol, train=database, database=database, query=query, description=PROTOCOLS[protocol])
     if protocol == "official":
         _require_both_splits(t)
@@ -123,6 +113,49 @@ def make_split(cars: CarsDataset, protocol: str, *, seed: int = 0, val_fraction:
                  query=rows[~is_train & is_known], ood_query=rows[~is_train & ~is_known],
                  ood_database=rows[is_train & ~is_known], heldout_class_ids=np.asarray(heldout, dtype=np.int64),
                  description=description)
+
+
+def validation_split(cars: CarsDataset, split: Split, *, seed: int = 0, val_fraction: float = 0.2,
+                     holdout_fraction: float = 0.2) -> Split:
+    """A validation split carved from an open-set ``split``'s *training* images only (``ssb``, ``open-world``).
+
+    Some of its known classes (whole car models, about ``holdout_fraction`` of them) play the unknowns: all their
+    training images are ``ood_query``; of every other known class, a share ``val_fraction`` of the training
+    images are the known ``query`` and the rest ``train`` = ``database``. A model trained on it has seen neither
+    its queries nor its unknowns, so scores, k and thresholds chosen on it are chosen as they will be used, and
+    no test image (known or unknown) takes part.
+    """
+    if not len(split.ood_query):
+        raise ValueError(f"protocol {split.protocol!r} has no unknown classes to validate against; a validation "
+                         "split is for the open-set protocols ('ssb', 'open-world')")
+    t = cars.table
+    known_ids = np.unique(t["class_id"].to_numpy()[split.train])
+    unknown = heldout_classes(cars, "model", holdout_fraction, seed, among=known_ids)
+    of_row = t["class_id"].to_numpy()
+    is_unknown = np.isin(of_row[split.train], unknown)
+    rng = np.random.default_rng([seed, 8_888])
+    database, query = _per_class_split(t, split.train[~is_unknown], val_fraction, rng, split.protocol)
+    return Split(split.protocol, train=database, database=database, query=query,
+                 ood_query=np.sort(split.train[is_unknown]), heldout_class_ids=np.asarray(unknown, dtype=np.int64),
+                 description=f"validation split of {split.protocol!r} from its training images: {len(unknown)} of "
+                             f"its {len(known_ids)} known classes (whole models) play the unknowns, "
+                             f"{val_fraction:.0%} of each other class's images the known queries")
+
+
+def _per_class_split(t: pd.DataFrame, rows: np.ndarray, fraction: float, rng: np.random.Generator,
+                     protocol: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(database, query)``: a share ``fraction`` of each class's ``rows`` (at least 1, never all) as queries."""
+    database, query = [], []
+    for class_id, group in t.iloc[np.sort(rows)].groupby("class_id", sort=True):
+        members = group.index.to_numpy()
+        if len(members) < 2:
+            raise DataError(f"class {class_id} has {len(members)} train image(s); protocol {protocol!r} needs "
+                            "at least 2 per class to split 80/20")
+        members = rng.permutation(members)
+        n_query = min(len(members) - 1, max(1, int(round(fraction * len(members)))))
+        query.append(members[:n_query])
+        database.append(members[n_query:])
+    return np.sort(np.concatenate(database)), np.sort(np.concatenate(query))
 
 
 def ssb_class_split(cars: CarsDataset, path: str | Path | None = None) -> pd.DataFrame:
@@ -157,13 +190,17 @@ def ssb_class_split(cars: CarsDataset, path: str | Path | None = None) -> pd.Dat
     return table.sort_values("class_id").reset_index(drop=True)
 
 
-def heldout_classes(cars: CarsDataset, unit: str, fraction: float, seed: int) -> np.ndarray:
-    """Class ids held out of training and database for ``open-world``, chosen by ``unit`` (see make_split)."""
+def heldout_classes(cars: CarsDataset, unit: str, fraction: float, seed: int,
+                    among: np.ndarray | None = None) -> np.ndarray:
+    """Class ids held out of training and database for ``open-world``, chosen by ``unit`` (see make_split);
+    ``among``: only from these class ids (a validation split's known classes), ``fraction`` of them."""
     if unit not in HOLDOUT_UNITS:
         raise ValueError(f"unknown holdout unit {unit!r}; choose one of {HOLDOUT_UNITS}")
     if not 0 < fraction < 1:
         raise ValueError(f"holdout_fraction must be in (0, 1), got {fraction}")
     h = cars.hierarchy
+    if among is not None:
+        h = h[h["class_id"].isin(among)]
     rng = np.random.default_rng(seed)
     target = max(1, int(round(fraction * len(h))))
     if unit == "year":
