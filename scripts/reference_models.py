@@ -26,7 +26,8 @@ from vericar.config import TrainConfig
 from vericar.data import open_dataset
 from vericar.train import train
 
-MODELS = ("official", "seed", "zero-shot", "open-world", "open-world-year", "open-world-make", "ssb", "hierarchy")
+MODELS = ("official", "seed", "zero-shot", "open-world", "open-world-year", "open-world-make", "ssb", "ssb-val",
+          "open-world-val", "hierarchy")
 
 
 def config_for(name: str) -> TrainConfig:
@@ -35,9 +36,12 @@ def config_for(name: str) -> TrainConfig:
     base = TrainConfig(protocol="official", device=full["device"], seed=full["seed"], **study.reference_recipe())
     if name in ("official", "seed", "zero-shot", "open-world"):
         return dataclasses.replace(base, protocol=name)
+    if name == "open-world-val":
+        return dataclasses.replace(base, protocol="open-world", validation=True)
     if name.startswith("open-world-"):
         return dataclasses.replace(base, protocol="open-world", holdout=name.split("-")[-1])
-    return dataclasses.replace(base, protocol="ssb", holdout="model", save_pooled=True, ssb_file="")
+    ssb = dataclasses.replace(base, protocol="ssb", holdout="model", save_pooled=True, ssb_file="")
+    return dataclasses.replace(ssb, validation=True) if name == "ssb-val" else ssb
 
 
 def hierarchy_configs() -> dict[tuple[str, str], TrainConfig]:

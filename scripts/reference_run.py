@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # of the last-2-stage modes were warm, notebook 07's full-trunk cache was built by ``hierarchy``; ``official``
 # resumed at epoch 7: its 13 epochs took 2,004 s, 2,950 is the whole). The queues are balanced on these; only
 # their ratios matter.
-COST = {"official": 2950, "zero-shot": 2673, "seed": 2427, "open-world": 2236, "ssb": 1591, "hierarchy": 2366}
+COST = {"official": 2950, "zero-shot": 2673, "seed": 2427, "open-world": 2236, "ssb": 1591, "hierarchy": 2366,
+        "ssb-val": 1340, "open-world-val": 1660}
 
 
 def queues(models: list[str], cores: int) -> list[list[str]]:

@@ -157,7 +157,7 @@ def _toy_ssb_eval():
 def test_ssb_entries_best_score_and_figures():
     ssb_eval, known = _toy_ssb_eval()
     run = SimpleNamespace(metrics={"device": "cpu", "train_seconds": 12.0}, path=Path("/runs/ssb"))
-    entries = open_set.ssb_results_entries({"dataset": "synthetic", "backbone": "tiny", "image_size": 32}, run,
+    entries = open_set.open_set_results_entries({"dataset": "synthetic", "backbone": "tiny", "image_size": 32}, run,
                                            ssb_eval)
     assert len(entries) == 4 and all(e["protocol"] == "ssb" for e in entries)
     assert entries[0]["k"] == 3 and entries[2]["k"] is None and entries[0]["auroc_ci95"] == pytest.approx([0.65, 0.75])

@@ -66,6 +66,11 @@ def test_notebook_runs_on_tiny_profile(notebook, tiny_run):
         assert {e["unknown"] for e in ssb} == {"easy", "hard (medium+hard)", "medium", "hard"}
         assert {"knn_plus", "knn_plus_pooled", "nn1"} <= {e["method"] for e in ssb}
         assert all(0 <= e["metrics"]["auroc"] <= 1 and 0 <= e["metrics"]["oscr"] <= 1 for e in ssb)
+        # scores and k chosen on the validation models (ssb-val, open-world-val): one score per split, flagged
+        for group in (ssb, [e for e in entries if e.get("experiment") == "open-set-scores"]):
+            flagged = {e["method"] for e in group if e.get("chosen_on_validation")}
+            assert len(flagged) == 1 and all(0 <= e["validation_auroc"] <= 1 for e in group)
+            assert all(e["k_chosen_on"] == "validation model" for e in group if e["method"] == "knn_plus")
 
 
 def _synthetic_ssb_file(tiny_run) -> str:

@@ -63,3 +63,47 @@ def test_group_rows_follow_the_ssb_table():
     g = group_rows(Cars, split, ssb)
     assert set(g) == set(GROUPS)
     assert g["easy"].tolist() == [1, 4] and g["hard (medium+hard)"].tolist() == [2, 3] and g["hard"].tolist() == [3]
+
+
+def _val_run(tmp_path, validation=True):
+    from types import SimpleNamespace
+
+    emb, labels, split = _toy(tmp_path)
+    pooled = np.random.default_rng(1).normal(size=emb.shape)  # features that know nothing of the classes
+    run = SimpleNamespace(config=SimpleNamespace(validation=validation), split=split, embeddings=emb, pooled=pooled,
+                          path=tmp_path, metrics={"device": "cpu", "train_seconds": 1.0})
+    return run, labels
+
+
+def test_validation_choice_takes_the_best_score_and_k_of_the_validation_model(tmp_path):
+    from vericar.analyses.open_set import validation_choice
+
+    run, labels = _val_run(tmp_path)
+    choice = validation_choice(run, labels, [1, 2, 5, 1000])  # k beyond the database is dropped
+    sweep = choice["sweep"]
+    assert set(sweep["k"]) == {1, 2, 5} and set(sweep["features"]) == {"embedding", "pooled"}
+    for name, k in (("embedding", choice["k"]), ("pooled", choice["k_pooled"])):
+        s = sweep[sweep["features"] == name]
+        assert s.set_index("k").loc[k, "auroc"] == s["auroc"].max()
+    t = choice["table"].set_index("score")
+    assert choice["score"] != "knn_plus_pooled" and t.loc[choice["score"], "auroc"] == t["auroc"].max()
+    assert t.loc["knn_plus_pooled", "auroc"] < 0.65 < 0.75 < t.loc[choice["score"], "auroc"]
+    with pytest.raises(ValueError, match="not a validation run"):
+        validation_choice(_val_run(tmp_path, validation=False)[0], labels, [1, 2])
+
+
+def test_open_set_evaluation_reports_the_validation_choice(tmp_path):
+    from vericar.analyses.open_set import open_set_evaluation, open_set_results_entries
+
+    val, labels = _val_run(tmp_path)
+    run, _ = _val_run(tmp_path, validation=False)
+    groups = {"easy": run.split.ood_query[:20], "hard": run.split.ood_query[20:]}
+    ev = open_set_evaluation(run, labels, groups, ks=[1, 2, 5], val_run=val, n_boot=0)
+    assert ev["chosen"] == ev["validation"]["score"] and ev["k"] == ev["validation"]["k"]
+    entries = open_set_results_entries({"dataset": "toy", "backbone": "none", "image_size": 8}, run, ev,
+                                       protocol="open-world", experiment="open-set-scores")
+    flagged = [e for e in entries if e["chosen_on_validation"]]
+    assert [e["unknown"] for e in flagged] == ["easy", "hard"] and {e["method"] for e in flagged} == {ev["chosen"]}
+    assert all(e["k_chosen_on"] == "validation model" for e in entries if e["method"] == "knn_plus")
+    without = open_set_evaluation(run, labels, groups, ks=[1, 2, 5], n_boot=0, pseudo_ood_fraction=0.25)
+    assert without["chosen"] is None and without["validation"] is None

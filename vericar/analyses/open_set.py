@@ -34,8 +34,8 @@ from ..ood import knn_scores, ood_metrics
 from ..results import results_entry
 from ..retrieval import KNNIndex
 
-__all__ = ["GROUPS", "SCORES", "class_logits", "evaluate", "group_rows", "oscr", "scores", "ssb_evaluation",
-           "ssb_results_entries"]
+__all__ = ["GROUPS", "SCORES", "class_logits", "evaluate", "group_rows", "open_set_evaluation",
+           "open_set_results_entries", "oscr", "scores", "ssb_evaluation", "validation_choice"]
 
 SCORES = {
     "knn_plus": "KNN+ (embedding)",
@@ -159,46 +159,109 @@ def evaluate(score: dict[str, np.ndarray], correct: dict[str, np.ndarray], split
     return pd.DataFrame(rows)
 
 
-def ssb_evaluation(cars, run, ssb: pd.DataFrame, *, ks, pseudo_ood_fraction: float = 0.2, seed: int = 0,
-                   n_boot: int = 200, device: str = "cpu") -> dict:
-    """Every score of :data:`SCORES` that ``run`` supports, evaluated on its ``ssb`` split.
+def validation_choice(val_run, labels, ks, *, device: str = "cpu") -> dict:
+    """KNN+'s k (embedding, pooled features) and the best score, chosen on a validation run.
 
-    KNN+'s k is chosen on a validation split of the *training* images only
-    (:func:`vericar.analyses.open_world.validation_sweep`: some known classes play the unknowns), for the embedding and
-    for the pooled features apart. Returns ``table`` (:func:`evaluate`), ``scores``, ``correct``, ``groups``,
-    ``k``, ``k_pooled`` and ``has_logits``.
+    ``val_run`` is a model trained with ``validation=True`` (:func:`vericar.data.validation_split`): its
+    known queries and its unknowns (some known car models) are training images it never saw, so, unlike a
+    pseudo-open set of images the model trained on, its AUROC ranks k and the scores as they will be used.
+    k maximises AUROC there; so does the chosen score. Returns ``k``, ``k_pooled`` (None without pooled
+    features), ``sweep`` (AUROC / FPR95 per features x k), ``table`` (:func:`evaluate` on the validation
+    unknowns, no bootstrap) and ``score`` (the chosen score's name).
+    """
+    from ..ood import sweep_k
+    from .open_world import choose_k
+
+    s = val_run.split
+    if not val_run.config.validation or not len(s.ood_query):
+        raise ValueError(f"{val_run.path} is not a validation run (train it with validation=True)")
+    ks = [int(k) for k in ks if int(k) <= len(s.database)]
+    sweeps, chosen = [], {}
+    for name, features in (("embedding", val_run.embeddings), ("pooled", val_run.pooled)):
+        if features is None:
+            chosen[name] = None
+            continue
+        f = np.asarray(features)
+        sweep = sweep_k(f[s.query], f[s.ood_query], f[s.database], ks, device=device)
+        chosen[name] = choose_k(sweep, "auroc")
+        sweeps.append(sweep.assign(features=name))
+    logits = class_logits(val_run.path, val_run.embeddings)
+    score, correct = scores(val_run.embeddings, labels, s, k=chosen["embedding"], pooled=val_run.pooled,
+                            k_pooled=chosen["pooled"], logits=logits, device=device)
+    table = evaluate(score, correct, s, {"validation": s.ood_query}, n_boot=0)
+    best = table.sort_values(["auroc", "fpr95"], ascending=[False, True], kind="mergesort")["score"].iloc[0]
+    return {"k": chosen["embedding"], "k_pooled": chosen["pooled"], "sweep": pd.concat(sweeps, ignore_index=True),
+            "table": table, "score": str(best)}
+
+
+def open_set_evaluation(run, labels, groups: dict[str, np.ndarray], *, ks, val_run=None,
+                        pseudo_ood_fraction: float = 0.2, seed: int = 0, n_boot: int = 200,
+                        device: str = "cpu") -> dict:
+    """Every score of :data:`SCORES` that ``run`` supports, on its known queries against each unknown group.
+
+    With ``val_run`` (:func:`validation_choice`), k and the headline score are chosen on that validation model.
+    Without it, k comes from a pseudo-open set of ``run``'s own training images
+    (:func:`vericar.analyses.open_world.validation_sweep`, whose pseudo-unknowns the model trained on) and no
+    score is chosen. Returns ``table`` (:func:`evaluate`), ``scores``, ``correct``, ``groups``, ``k``,
+    ``k_pooled``, ``has_logits``, ``chosen`` (a score name or None) and ``validation`` (the choice or None).
     """
     from .open_world import choose_k, validation_sweep
 
-    if run.split.protocol != "ssb":
-        raise ValueError(f"{run.path} was trained with protocol {run.split.protocol!r}, not 'ssb'")
-    labels, db = cars.labels, run.split.database
+    db = run.split.database
+    if val_run is not None:
+        choice = validation_choice(val_run, labels, ks, device=device)
+        k = choice["k"]
+        k_pooled = choice["k_pooled"] if choice["k_pooled"] is not None or run.pooled is None else None
+        if run.pooled is not None and k_pooled is None:
+            raise ValueError(f"{run.path} has pooled features and {val_run.path} has none: train the validation "
+                             "run with save_pooled=True too")
+    else:
+        choice = None
 
-    def chosen(features):
-        val = validation_sweep(features, labels, db, ks, pseudo_ood_fraction=pseudo_ood_fraction, seed=seed,
-                               device=device)
-        return choose_k(val)
+        def chosen(features):
+            return choose_k(validation_sweep(features, labels, db, ks, pseudo_ood_fraction=pseudo_ood_fraction,
+                                             seed=seed, device=device))
 
-    k = chosen(run.embeddings)
-    k_pooled = chosen(run.pooled) if run.pooled is not None else None
+        k = chosen(run.embeddings)
+        k_pooled = chosen(run.pooled) if run.pooled is not None else None
     logits = class_logits(run.path, run.embeddings)
     s, correct = scores(run.embeddings, labels, run.split, k=k, pooled=run.pooled, k_pooled=k_pooled,
                         logits=logits, device=device)
-    groups = group_rows(cars, run.split, ssb)
+    if choice is not None and choice["score"] not in s:
+        raise ValueError(f"the score chosen on validation, {choice['score']!r}, is not computable on {run.path}")
     return {"table": evaluate(s, correct, run.split, groups, n_boot=n_boot, seed=seed), "scores": s,
-            "correct": correct, "groups": groups, "k": k, "k_pooled": k_pooled, "has_logits": logits is not None}
+            "correct": correct, "groups": groups, "k": k, "k_pooled": k_pooled, "has_logits": logits is not None,
+            "chosen": choice["score"] if choice else None, "validation": choice}
 
 
-def ssb_results_entries(common: dict, run, ssb_eval: dict) -> list[dict]:
-    """``results/06_ood.json``'s SSB entries (``experiment`` "ssb-open-set"), one per score x unknown group
-    of :func:`ssb_evaluation`'s table: AUROC with its bootstrap interval, FPR95, AUPR in/out, OSCR, closed-set
-    accuracy. ``common`` holds dataset, backbone and image_size; ``run`` is the SSB run (device, train time)."""
-    ks = {"knn_plus": ssb_eval["k"], "knn_plus_pooled": ssb_eval["k_pooled"]}
+def ssb_evaluation(cars, run, ssb: pd.DataFrame, *, ks, val_run=None, pseudo_ood_fraction: float = 0.2,
+                   seed: int = 0, n_boot: int = 200, device: str = "cpu") -> dict:
+    """:func:`open_set_evaluation` of a run trained on protocol ``ssb``, against the SSB's unknown groups
+    (:data:`GROUPS`); ``val_run``: its validation model (``ssb`` with ``validation=True``)."""
+    if run.split.protocol != "ssb":
+        raise ValueError(f"{run.path} was trained with protocol {run.split.protocol!r}, not 'ssb'")
+    return open_set_evaluation(run, cars.labels, group_rows(cars, run.split, ssb), ks=ks, val_run=val_run,
+                               pseudo_ood_fraction=pseudo_ood_fraction, seed=seed, n_boot=n_boot, device=device)
+
+
+def open_set_results_entries(common: dict, run, evaluation: dict, *, protocol: str = "ssb",
+                             experiment: str = "ssb-open-set") -> list[dict]:
+    """``results/06_ood.json``'s entries of an :func:`open_set_evaluation`, one per score x unknown group:
+    AUROC with its bootstrap interval, FPR95, AUPR in/out, OSCR, closed-set accuracy, the k used, and whether
+    the score is the one chosen on validation (with that choice's validation AUROC). ``common`` holds dataset,
+    backbone and image_size; ``run`` is the evaluated run (device, train time)."""
+    ks = {"knn_plus": evaluation["k"], "knn_plus_pooled": evaluation["k_pooled"]}
+    choice = evaluation.get("validation")
+    val_auroc = choice["table"].set_index("score")["auroc"] if choice else None
+    k_on = "validation model" if choice else "pseudo-open set of the training images"
     return [results_entry(
-        **common, protocol="ssb", device=run.metrics["device"], experiment="ssb-open-set", method=row.score,
+        **common, protocol=protocol, device=run.metrics["device"], experiment=experiment, method=row.score,
         method_name=row.name, unknown=row.unknown, k=ks.get(row.score),
+        k_chosen_on=k_on if row.score in ks else None,
+        chosen_on_validation=bool(choice and row.score == choice["score"]),
+        validation_auroc=float(val_auroc[row.score]) if val_auroc is not None else None,
         metrics={"auroc": row.auroc, "fpr95": row.fpr95, "aupr_in": row.aupr_in, "aupr_out": row.aupr_out,
                  "oscr": row.oscr, "closed_set_accuracy": row.closed_set_accuracy},
         auroc_ci95=[row.auroc_lo, row.auroc_hi], n_known=row.n_known, n_unknown=row.n_unknown,
         train_seconds=run.metrics.get("train_seconds"), run_folder=str(getattr(run, "path", "")))
-        for row in ssb_eval["table"].itertuples()]
+        for row in evaluation["table"].itertuples()]

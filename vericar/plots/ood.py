@@ -233,13 +233,16 @@ def ssb_roc_figure(ssb_eval: Mapping, known_rows, names: Mapping[str, str] | Non
 
 
 def best_ssb_score(ssb_eval: Mapping, group: str = "easy") -> str:
-    """The SSB score with the highest AUROC on ``group``."""
+    """The score chosen on validation (``ssb_eval["chosen"]``) or, without a validation model, the one with
+    the highest AUROC on ``group`` (a description of the test results, not a choice made for them)."""
+    if ssb_eval.get("chosen"):
+        return str(ssb_eval["chosen"])
     t = ssb_eval["table"]
     return str(t[t["unknown"] == group].sort_values("auroc", kind="stable").iloc[-1]["score"])
 
 
 def ssb_histogram_figure(ssb_eval: Mapping, known_rows, names: Mapping[str, str] | None = None, title: str = ""):
-    """Histograms of the best score on Easy (:func:`best_ssb_score`) for known test cars against Easy and Hard
+    """Histograms of the chosen (or best on Easy) score (:func:`best_ssb_score`) for known test cars against Easy and Hard
     unknowns, with the threshold that keeps 95% of the known cars."""
     best = best_ssb_score(ssb_eval)
     s = ssb_eval["scores"][best]
