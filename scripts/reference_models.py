@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from vericar import study
-from vericar.analyses import hierarchy as hier
+from vericar.analyses import hierarchy as hier, open_set
 from vericar.config import TrainConfig
 from vericar.data import open_dataset
 from vericar.train import train
@@ -40,7 +40,7 @@ def config_for(name: str) -> TrainConfig:
         return dataclasses.replace(base, protocol="open-world", validation=True)
     if name.startswith("open-world-"):
         return dataclasses.replace(base, protocol="open-world", holdout=name.split("-")[-1])
-    ssb = dataclasses.replace(base, protocol="ssb", holdout="model", save_pooled=True, ssb_file="")
+    ssb = open_set.ssb_config(base)
     return dataclasses.replace(ssb, validation=True) if name == "ssb-val" else ssb
 
 

@@ -212,6 +212,44 @@ def test_nb06_verdict_flips():
     assert "level with the seed's claimed" in headline("06", level)
 
 
+def test_nb06_open_set_targets_follow_the_chosen_scores():
+    result = _results("06_ood")
+    text = findings("06", result)
+    assert "validation AUROC 83.4%" in text and "AUROC 90.7% (95% CI 89.9–91.4%), FPR95 52.1%" in text
+    assert "AUROC at least 90% is met, FPR95 at most 40% is not" in text
+    assert "met on Hard only" in text and "89.2% (95% CI 88.4–89.9%) on Easy" in text
+
+    def moved(auroc=None, fpr95=None, easy=None, hard=None):
+        r = copy.deepcopy(result)
+        for e in r["entries"]:
+            if not e.get("chosen_on_validation"):
+                continue
+            if e["experiment"] == "open-set-scores":
+                e["metrics"].update({k: v for k, v in (("auroc", auroc), ("fpr95", fpr95)) if v is not None})
+            elif e["unknown"] == "easy" and easy is not None:
+                e["metrics"]["auroc"] = easy
+            elif e["unknown"] == "hard (medium+hard)" and hard is not None:
+                e["metrics"]["auroc"] = hard
+        return findings("06", r)
+
+    def heldout(text):
+        return next(line for line in text.splitlines() if line.startswith("- Of every score"))
+
+    assert heldout(moved(auroc=0.95, fpr95=0.30)).endswith("FPR95 30.0%; the target (AUROC at least 90% with FPR95 "
+                                                           "at most 40%) is met.")
+    assert heldout(moved(auroc=0.85, fpr95=0.60)).endswith("is not met.")
+    assert "FPR95 at most 40% is met, AUROC at least 90% is not" in moved(auroc=0.85, fpr95=0.30)
+    assert "met on both" in moved(easy=0.93)
+    assert "met on neither" in moved(hard=0.70)
+    assert "met on Easy only" in moved(easy=0.93, hard=0.70)
+    # without a validation model's choice, the SSB bullet says its score is the best in hindsight
+    bare = copy.deepcopy(result)
+    for e in bare["entries"]:
+        e.pop("chosen_on_validation", None)
+    assert "in hindsight: no validation model chose it" in findings("06", bare)
+    assert "chosen on a validation model" not in findings("06", bare)
+
+
 # ---------------------------------------------------------------------------------------------------
 # 05 · error analysis
 # ---------------------------------------------------------------------------------------------------

@@ -93,7 +93,8 @@ def test_validation_choice_takes_the_best_score_and_k_of_the_validation_model(tm
 
 
 def test_open_set_evaluation_reports_the_validation_choice(tmp_path):
-    from vericar.analyses.open_set import open_set_evaluation, open_set_results_entries
+    from vericar.analyses.open_set import (SCORES, choice_summary, choice_tables, open_set_evaluation,
+                                           open_set_results_entries)
 
     val, labels = _val_run(tmp_path)
     run, _ = _val_run(tmp_path, validation=False)
@@ -107,3 +108,32 @@ def test_open_set_evaluation_reports_the_validation_choice(tmp_path):
     assert all(e["k_chosen_on"] == "validation model" for e in entries if e["method"] == "knn_plus")
     without = open_set_evaluation(run, labels, groups, ks=[1, 2, 5], n_boot=0, pseudo_ood_fraction=0.25)
     assert without["chosen"] is None and without["validation"] is None
+    # what notebook 06 displays: the validation table, then the test table with the chosen score marked
+    val_table, test_table = choice_tables(ev)
+    assert list(val_table.columns) == ["validation auroc", "validation fpr95"]
+    marked = [n for n in test_table.index if n.startswith("chosen: ")]
+    assert marked == [f"chosen: {SCORES[ev['chosen']]}"]
+    assert list(test_table["auroc"].columns) == ["easy", "hard"]
+    summary = choice_summary(ev)
+    v = val.split
+    assert f"{len(v.query)} known queries, {len(v.ood_query)} unknown images of {len(v.heldout_class_ids)}" in summary
+    auroc = ev["table"].set_index(["score", "unknown"])["auroc"]
+    assert f"chosen on validation: {ev['chosen']}, test AUROC easy {auroc[(ev['chosen'], 'easy')]:.3f}" in summary
+    assert len(choice_tables(without)) == 1 and "no score chosen" in choice_summary(without)
+
+
+def test_ssb_config_and_the_validation_run_beside_it(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from vericar import train as train_module
+    from vericar.analyses.open_set import ssb_config, train_validation_run
+    from vericar.config import TrainConfig
+
+    cfg = ssb_config(TrainConfig(protocol="open-world", holdout="year"), "splits.csv")
+    assert (cfg.protocol, cfg.holdout, cfg.save_pooled, cfg.ssb_file) == ("ssb", "model", True, "splits.csv")
+    assert ssb_config(cfg).ssb_file == ""
+    calls = []
+    monkeypatch.setattr(train_module, "train", lambda cars, config, folder, progress: calls.append((config, folder)))
+    train_validation_run(None, SimpleNamespace(config=cfg, path=tmp_path / "models" / "ssb"))
+    (config, folder), = calls
+    assert config.validation and config.protocol == "ssb" and folder == tmp_path / "models" / "ssb-val"

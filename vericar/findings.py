@@ -470,10 +470,13 @@ def nb06(result: dict[str, Any]) -> str:
     if held:
         e = held[0]
         hm = e["metrics"]
-        bar = (f"; the target (AUROC at least {pct(goal['heldout_auroc'], 0)} with FPR95 at most "
-               f"{pct(goal['heldout_fpr95'], 0)}) is "
-               f"{'met' if hm['auroc'] >= goal['heldout_auroc'] and hm['fpr95'] <= goal['heldout_fpr95'] else 'not met'}"
-               if {"heldout_auroc", "heldout_fpr95"} <= set(goal) else "")
+        bar = ""
+        if {"heldout_auroc", "heldout_fpr95"} <= set(goal):
+            parts = (f"AUROC at least {pct(goal['heldout_auroc'], 0)}", f"FPR95 at most {pct(goal['heldout_fpr95'], 0)}")
+            ok = (hm["auroc"] >= goal["heldout_auroc"], hm["fpr95"] <= goal["heldout_fpr95"])
+            bar = ("; the target (" + " with ".join(parts) + ") is " + ("met" if all(ok) else "not met") +
+                   ("" if all(ok) or not any(ok) else f": {parts[ok.index(True)]} is met, "
+                                                       f"{parts[ok.index(False)]} is not"))
         lines.append(f"- Of every score on the same held-out {what} ({label(e)}), the one chosen on a validation model "
                      f"(never shown its queries or unknowns; validation AUROC {pct(e['validation_auroc'])}) is "
                      f"{e.get('method_name', e['method'])}: AUROC {pct(hm['auroc'])} ({_ci(e.get('auroc_ci95'))}), "

@@ -65,8 +65,10 @@ def _fmt(name: str, value) -> str:
 
 def _label(entry: dict) -> str:
     extra = [entry.get(k) for k in ("mode", "method", "variant", "holdout", "loss") if entry.get(k)]
-    if entry.get("unknown"):  # 06's SSB entries: which unknown classes
-        extra.append(f"SSB {entry['unknown']} unknowns")
+    if entry.get("unknown"):  # 06's open-set entries: which unknown classes (the SSB's groups or held-out models)
+        extra.append(f"{'SSB ' if entry.get('protocol') == 'ssb' else ''}{entry['unknown']} unknowns")
+    if entry.get("chosen_on_validation"):
+        extra.append("chosen on validation")
     if entry.get("shots") is not None:  # 06's add-without-retraining entries
         extra.append(f"new classes added with {entry['shots']} labelled images each")
     return "; ".join(str(e) for e in extra)

@@ -21,6 +21,7 @@ rate of unknown samples, over all thresholds).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,9 @@ from ..ood import knn_scores, ood_metrics
 from ..results import results_entry
 from ..retrieval import KNNIndex
 
-__all__ = ["GROUPS", "SCORES", "class_logits", "evaluate", "group_rows", "open_set_evaluation",
-           "open_set_results_entries", "oscr", "scores", "ssb_evaluation", "validation_choice"]
+__all__ = ["GROUPS", "SCORES", "choice_summary", "choice_tables", "class_logits", "evaluate", "group_rows",
+           "open_set_evaluation", "open_set_results_entries", "oscr", "scores", "ssb_config", "ssb_evaluation",
+           "train_validation_run", "validation_choice"]
 
 SCORES = {
     "knn_plus": "KNN+ (embedding)",
@@ -167,7 +169,7 @@ def validation_choice(val_run, labels, ks, *, device: str = "cpu") -> dict:
     pseudo-open set of images the model trained on, its AUROC ranks k and the scores as they will be used.
     k maximises AUROC there; so does the chosen score. Returns ``k``, ``k_pooled`` (None without pooled
     features), ``sweep`` (AUROC / FPR95 per features x k), ``table`` (:func:`evaluate` on the validation
-    unknowns, no bootstrap) and ``score`` (the chosen score's name).
+    unknowns, no bootstrap), ``score`` (the chosen score's name) and ``about`` (the validation model's sizes).
     """
     from ..ood import sweep_k
     from .open_world import choose_k
@@ -190,8 +192,10 @@ def validation_choice(val_run, labels, ks, *, device: str = "cpu") -> dict:
                             k_pooled=chosen["pooled"], logits=logits, device=device)
     table = evaluate(score, correct, s, {"validation": s.ood_query}, n_boot=0)
     best = table.sort_values(["auroc", "fpr95"], ascending=[False, True], kind="mergesort")["score"].iloc[0]
+    about = (f"{Path(val_run.path).name}: trained on {len(s.database)} training images; {len(s.query)} known "
+             f"queries, {len(s.ood_query)} unknown images of {len(s.heldout_class_ids)} held-out car models")
     return {"k": chosen["embedding"], "k_pooled": chosen["pooled"], "sweep": pd.concat(sweeps, ignore_index=True),
-            "table": table, "score": str(best)}
+            "table": table, "score": str(best), "about": about}
 
 
 def open_set_evaluation(run, labels, groups: dict[str, np.ndarray], *, ks, val_run=None,
@@ -265,3 +269,45 @@ def open_set_results_entries(common: dict, run, evaluation: dict, *, protocol: s
         auroc_ci95=[row.auroc_lo, row.auroc_hi], n_known=row.n_known, n_unknown=row.n_unknown,
         train_seconds=run.metrics.get("train_seconds"), run_folder=str(getattr(run, "path", "")))
         for row in evaluation["table"].itertuples()]
+
+
+def ssb_config(config, ssb_file: str | None = None):
+    """``config`` (a :class:`~vericar.config.TrainConfig`) turned to protocol ``ssb``, pooled features saved
+    for KNN+ on them; ``ssb_file``: the SSB class split (None looks beside the dataset)."""
+    return dataclasses.replace(config, protocol="ssb", holdout="model", save_pooled=True, ssb_file=ssb_file or "")
+
+
+def train_validation_run(cars, run, *, progress: bool = False):
+    """Train (or load, when finished) ``run``'s validation model: its config with ``validation=True``, in the
+    folder beside it named ``<run folder>-val``."""
+    from ..train import train
+
+    return train(cars, dataclasses.replace(run.config, validation=True), Path(run.path).parent /
+                 f"{Path(run.path).name}-val", progress=progress)
+
+
+def choice_tables(evaluation: dict) -> list[pd.DataFrame]:
+    """For display: the validation model's AUROC / FPR95 per score (when a validation model chose), then
+    every score's test AUROC, FPR95 and OSCR per unknown group, the chosen score marked."""
+    out = []
+    if evaluation.get("validation"):
+        out.append(evaluation["validation"]["table"].set_index("name")[["auroc", "fpr95"]]
+                   .rename(columns=lambda c: f"validation {c}").round(3))
+    t = evaluation["table"]
+    t = t.assign(name=np.where(t["score"] == evaluation.get("chosen"), "chosen: " + t["name"], t["name"]))
+    out.append(t.pivot_table(index="name", columns="unknown", values=["auroc", "fpr95", "oscr"], sort=False).round(3))
+    return out
+
+
+def choice_summary(evaluation: dict) -> str:
+    """The validation model's sizes, the k used for KNN+ and the chosen score's test AUROC per unknown group."""
+    line = f"validation model {evaluation['validation']['about']}\n" if evaluation.get("validation") else ""
+    line += f"KNN+ k: {evaluation['k']} (embedding)"
+    if evaluation.get("k_pooled") is not None:
+        line += f", {evaluation['k_pooled']} (pooled features)"
+    if not evaluation.get("chosen"):
+        return line + "; no score chosen (no validation model)"
+    t = evaluation["table"]
+    rows = t[t["score"] == evaluation["chosen"]]
+    return (line + f"; chosen on validation: {evaluation['chosen']}, test AUROC " +
+            ", ".join(f"{r.unknown} {r.auroc:.3f}" for r in rows.itertuples()))
