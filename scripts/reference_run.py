@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Relative cost of each model: wall seconds on one core of the 2026-12-03 reference run (192 px; the trunk caches
 # of the last-2-stage modes were warm, notebook 07's full-trunk cache was built by ``hierarchy``; ``official``
-# resumed at epoch 7: its 13 epochs took 2,004 s, 2,950 is the whole). The queues are balanced on these; only
-# their ratios matter.
+# resumed at epoch 7: its 13 epochs took 2,004 s, 2,950 is the whole; ssb-val and open-world-val: 2026-12-04,
+# side by side on the two cores, trunk caches warm). The queues are balanced on these; only their ratios matter.
 COST = {"official": 2950, "zero-shot": 2673, "seed": 2427, "open-world": 2236, "ssb": 1591, "hierarchy": 2366,
         "ssb-val": 1340, "open-world-val": 1660}
 
