@@ -7,7 +7,8 @@ Each model is trained exactly as the notebook that owns it would train it (same 
 the notebooks find it finished and load it: ``official``, ``seed``, ``zero-shot`` and ``open-world`` as
 notebook 03 does (the full profile's recipe, :func:`vericar.study.reference_recipe`), ``open-world-year``,
 ``open-world-make`` and ``ssb`` as notebook 06 does (the open-world config with another holdout, or protocol
-``ssb`` with the pooled features saved), and ``hierarchy``: the nine models of notebook 07's ablation (MS, HiMS-Min,
+``ssb`` with the pooled features saved), ``open-world-val`` and ``ssb-val``, the validation models notebook 06
+trains beside ``open-world`` and ``ssb`` to choose its open-set scores on (``validation=True``), and ``hierarchy``: the nine models of notebook 07's ablation (MS, HiMS-Min,
 HiMS-Max x seed, zero-shot, open-world; head only, on the reference run's settings). On two CPU cores, two calls side by side (each ``OMP_NUM_THREADS=1``
 and pinned to a core with ``taskset``) train two models in the time of one.
 """
@@ -36,12 +37,11 @@ def config_for(name: str) -> TrainConfig:
     base = TrainConfig(protocol="official", device=full["device"], seed=full["seed"], **study.reference_recipe())
     if name in ("official", "seed", "zero-shot", "open-world"):
         return dataclasses.replace(base, protocol=name)
-    if name == "open-world-val":
-        return dataclasses.replace(base, protocol="open-world", validation=True)
+    if name.endswith("-val"):  # the validation model notebook 06 trains beside it (open_set.train_validation_run)
+        return open_set.validation_config(config_for(name[:-len("-val")]))
     if name.startswith("open-world-"):
         return dataclasses.replace(base, protocol="open-world", holdout=name.split("-")[-1])
-    ssb = open_set.ssb_config(base)
-    return dataclasses.replace(ssb, validation=True) if name == "ssb-val" else ssb
+    return open_set.ssb_config(base)
 
 
 def hierarchy_configs() -> dict[tuple[str, str], TrainConfig]:

@@ -134,7 +134,7 @@ def test_add_classes_all_summary_and_entries():
     common = {"dataset": "synthetic", "protocol": "open-world", "backbone": "tiny", "image_size": 32}
     entries = ow.ood_results_entries(common, runs, table, add, {"model": 1, "make": 1})
     assert len(entries) == 1 + 4
-    assert entries[0]["fpr95_ci95"] == [0.2, 0.3] and entries[0]["k_chosen_on"].startswith("validation")
+    assert entries[0]["fpr95_ci95"] == [0.2, 0.3] and entries[0]["k_chosen_on"].startswith("pseudo-open set")
     assert entries[0]["heldout_classes"] == 2 and entries[0]["device"] == "cpu"
     adds = [e for e in entries if e["experiment"] == "add-without-retraining"]
     assert [e["shots"] for e in adds] == ["1", "all", "1", "all"] and adds[0]["seeds"] == [0, 1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -137,3 +139,52 @@ def test_ssb_config_and_the_validation_run_beside_it(tmp_path, monkeypatch):
     train_validation_run(None, SimpleNamespace(config=cfg, path=tmp_path / "models" / "ssb"))
     (config, folder), = calls
     assert config.validation and config.protocol == "ssb" and folder == tmp_path / "models" / "ssb-val"
+
+
+def _pair(tmp_path, val_proxies: bool = True):
+    """A test run and a validation run over the toy data, in their own folders; the validation run's class
+    proxies are random (so its logit scores rank badly there) or absent."""
+    from types import SimpleNamespace
+
+    (tmp_path / "test").mkdir()
+    (tmp_path / "val").mkdir()
+    emb, labels, split = _toy(tmp_path / "test")
+    if val_proxies:
+        np.savez(tmp_path / "val" / "proxies.npz", classes=np.arange(4),
+                 proxies=np.random.default_rng(3).normal(size=(4, 8)), scale=16.0, kind="norm_softmax")
+
+    def run(folder, validation):
+        return SimpleNamespace(config=SimpleNamespace(validation=validation), split=split, embeddings=emb,
+                               pooled=None, path=tmp_path / folder, metrics={"device": "cpu"})
+
+    groups = {"easy": split.ood_query[:20], "hard": split.ood_query[20:]}
+    return run("test", False), run("val", True), labels, groups
+
+
+def test_the_choice_follows_the_validation_model_not_the_test_set(tmp_path):
+    from vericar.analyses.open_set import open_set_evaluation
+
+    run, val, labels, groups = _pair(tmp_path)
+    ev = open_set_evaluation(run, labels, groups, ks=[1, 2, 5], val_run=val, n_boot=0)
+    v = ev["validation"]["table"].set_index("score")["auroc"]
+    assert ev["chosen"] == "knn_plus" == v.idxmax() and v["knn_plus"] > v[["msp", "mls", "energy"]].max() + 0.05
+    hard = ev["table"][ev["table"]["unknown"] == "hard"].set_index("score")["auroc"]
+    assert hard.idxmax() == "msp" and hard["msp"] > hard["knn_plus"] + 0.1  # the test set would have chosen otherwise
+
+
+def test_a_validation_run_that_computes_other_scores_is_refused(tmp_path):
+    from vericar.analyses.open_set import open_set_evaluation
+
+    run, val, labels, groups = _pair(tmp_path, val_proxies=False)
+    with pytest.raises(ValueError, match="compute different scores.*open_set.train_validation_run"):
+        open_set_evaluation(run, labels, groups, ks=[1, 2], val_run=val, n_boot=0)
+
+
+def test_validation_config_and_folder():
+    from vericar.analyses.open_set import validation_config, validation_folder
+    from vericar.config import TrainConfig
+
+    cfg = validation_config(TrainConfig(protocol="ssb", trainable_stages=3))
+    assert cfg.validation and cfg.trainable_stages == 3 and cfg.protocol == "ssb"
+    assert validation_folder("/runs/models/ssb") == Path("/runs/models/ssb-val")
+    assert validation_folder("ssb-k3") == Path("ssb-k3-val")

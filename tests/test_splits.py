@@ -190,3 +190,14 @@ def test_validation_split_needs_an_open_set_protocol():
 
     with pytest.raises(ValueError, match="no unknown classes"):
         validation_split(toy(), make_split(toy(), "official"))
+
+
+def test_validation_split_names_itself_when_a_class_is_too_small(tmp_path):
+    from vericar.data import DataError, validation_split
+
+    cars = toy(train_per_class=1)  # one training image per class: nothing to split into database and queries
+    kinds = ["known", "easy", "known", "known", "known", "hard", "known", "known"]
+    base = make_split(cars, "ssb", ssb_file=_ssb_file(tmp_path, cars, kinds))
+    with pytest.raises(DataError, match=r"the validation split of protocol 'ssb' needs at least 2 per class to "
+                                        r"split 70%/30%"):
+        validation_split(cars, base, val_fraction=0.3)

@@ -37,7 +37,7 @@ from ..retrieval import KNNIndex
 
 __all__ = ["GROUPS", "SCORES", "choice_summary", "choice_tables", "class_logits", "evaluate", "group_rows",
            "open_set_evaluation", "open_set_results_entries", "oscr", "scores", "ssb_config", "ssb_evaluation",
-           "train_validation_run", "validation_choice"]
+           "train_validation_run", "validation_choice", "validation_config", "validation_folder"]
 
 SCORES = {
     "knn_plus": "KNN+ (embedding)",
@@ -203,7 +203,11 @@ def open_set_evaluation(run, labels, groups: dict[str, np.ndarray], *, ks, val_r
                         device: str = "cpu") -> dict:
     """Every score of :data:`SCORES` that ``run`` supports, on its known queries against each unknown group.
 
-    With ``val_run`` (:func:`validation_choice`), k and the headline score are chosen on that validation model.
+    With ``val_run`` (:func:`validation_choice`), k and the headline score are chosen on that validation model
+    (which must compute the same scores: pooled features and class proxies alike). k is used as chosen, although
+    the run's database is larger than the validation model's (about 1.5x: 1.25x the classes, 1.25x the images
+    per class); KNN+'s authors scale k with the database share; at the k = 1 chosen on the reference models it
+    makes no difference.
     Without it, k comes from a pseudo-open set of ``run``'s own training images
     (:func:`vericar.analyses.open_world.validation_sweep`, whose pseudo-unknowns the model trained on) and no
     score is chosen. Returns ``table`` (:func:`evaluate`), ``scores``, ``correct``, ``groups``, ``k``,
@@ -213,12 +217,14 @@ def open_set_evaluation(run, labels, groups: dict[str, np.ndarray], *, ks, val_r
 
     db = run.split.database
     if val_run is not None:
+        inputs = {r.path: {"pooled features": r.pooled is not None,
+                           "class proxies": (Path(r.path) / "proxies.npz").is_file()} for r in (run, val_run)}
+        if inputs[run.path] != inputs[val_run.path]:
+            raise ValueError(f"{run.path} and its validation run {val_run.path} compute different scores "
+                             f"({inputs[run.path]} against {inputs[val_run.path]}): train the validation run with the "
+                             "run's own config (open_set.train_validation_run does)")
         choice = validation_choice(val_run, labels, ks, device=device)
-        k = choice["k"]
-        k_pooled = choice["k_pooled"] if choice["k_pooled"] is not None or run.pooled is None else None
-        if run.pooled is not None and k_pooled is None:
-            raise ValueError(f"{run.path} has pooled features and {val_run.path} has none: train the validation "
-                             "run with save_pooled=True too")
+        k, k_pooled = choice["k"], choice["k_pooled"]
     else:
         choice = None
 
@@ -231,8 +237,6 @@ def open_set_evaluation(run, labels, groups: dict[str, np.ndarray], *, ks, val_r
     logits = class_logits(run.path, run.embeddings)
     s, correct = scores(run.embeddings, labels, run.split, k=k, pooled=run.pooled, k_pooled=k_pooled,
                         logits=logits, device=device)
-    if choice is not None and choice["score"] not in s:
-        raise ValueError(f"the score chosen on validation, {choice['score']!r}, is not computable on {run.path}")
     return {"table": evaluate(s, correct, run.split, groups, n_boot=n_boot, seed=seed), "scores": s,
             "correct": correct, "groups": groups, "k": k, "k_pooled": k_pooled, "has_logits": logits is not None,
             "chosen": choice["score"] if choice else None, "validation": choice}
@@ -263,7 +267,7 @@ def open_set_results_entries(common: dict, run, evaluation: dict, *, protocol: s
         method_name=row.name, unknown=row.unknown, k=ks.get(row.score),
         k_chosen_on=k_on if row.score in ks else None,
         chosen_on_validation=bool(choice and row.score == choice["score"]),
-        validation_auroc=float(val_auroc[row.score]) if val_auroc is not None else None,
+        validation_auroc=float(val_auroc[row.score]) if val_auroc is not None and row.score in val_auroc else None,
         metrics={"auroc": row.auroc, "fpr95": row.fpr95, "aupr_in": row.aupr_in, "aupr_out": row.aupr_out,
                  "oscr": row.oscr, "closed_set_accuracy": row.closed_set_accuracy},
         auroc_ci95=[row.auroc_lo, row.auroc_hi], n_known=row.n_known, n_unknown=row.n_unknown,
@@ -277,13 +281,22 @@ def ssb_config(config, ssb_file: str | None = None):
     return dataclasses.replace(config, protocol="ssb", holdout="model", save_pooled=True, ssb_file=ssb_file or "")
 
 
+def validation_config(config):
+    """The validation model's config of a model trained with ``config``: the same with ``validation=True``."""
+    return dataclasses.replace(config, validation=True)
+
+
+def validation_folder(run_dir: str | Path) -> Path:
+    """Where a run's validation model lives: the folder beside it, ``<run folder>-val``."""
+    return Path(run_dir).parent / f"{Path(run_dir).name}-val"
+
+
 def train_validation_run(cars, run, *, progress: bool = False):
-    """Train (or load, when finished) ``run``'s validation model: its config with ``validation=True``, in the
-    folder beside it named ``<run folder>-val``."""
+    """Train (or load, when finished) ``run``'s validation model (:func:`validation_config`,
+    :func:`validation_folder`)."""
     from ..train import train
 
-    return train(cars, dataclasses.replace(run.config, validation=True), Path(run.path).parent /
-                 f"{Path(run.path).name}-val", progress=progress)
+    return train(cars, validation_config(run.config), validation_folder(run.path), progress=progress)
 
 
 def choice_tables(evaluation: dict) -> list[pd.DataFrame]:

@@ -87,7 +87,7 @@ def make_split(cars: CarsDataset, protocol: str, *, seed: int = 0, val_fraction:
         # 'val' draws its queries from another random stream than 'seed', so that choosing a recipe on it does
         # not select on the seed protocol's queries more than chance overlap does
         rng = np.random.default_rng(seed if protocol == "seed" else [seed, 7_777])
-        database, query = _per_class_split(t, train_rows, val_fraction, rng, protocol)
+        database, query = _per_class_split(t, train_rows, val_fraction, rng, f"protocol {protocol!r}")
         return Split(protocol, train=database, database=database, query=query, description=PROTOCOLS[protocol])
     if protocol == "official":
         _require_both_splits(t)
@@ -134,7 +134,8 @@ def validation_split(cars: CarsDataset, split: Split, *, seed: int = 0, val_frac
     of_row = t["class_id"].to_numpy()
     is_unknown = np.isin(of_row[split.train], unknown)
     rng = np.random.default_rng([seed, 8_888])
-    database, query = _per_class_split(t, split.train[~is_unknown], val_fraction, rng, split.protocol)
+    database, query = _per_class_split(t, split.train[~is_unknown], val_fraction, rng,
+                                       f"the validation split of protocol {split.protocol!r}")
     return Split(split.protocol, train=database, database=database, query=query,
                  ood_query=np.sort(split.train[is_unknown]), heldout_class_ids=np.asarray(unknown, dtype=np.int64),
                  description=f"validation split of {split.protocol!r} from its training images: {len(unknown)} of "
@@ -143,14 +144,14 @@ def validation_split(cars: CarsDataset, split: Split, *, seed: int = 0, val_frac
 
 
 def _per_class_split(t: pd.DataFrame, rows: np.ndarray, fraction: float, rng: np.random.Generator,
-                     protocol: str) -> tuple[np.ndarray, np.ndarray]:
+                     what: str) -> tuple[np.ndarray, np.ndarray]:
     """``(database, query)``: a share ``fraction`` of each class's ``rows`` (at least 1, never all) as queries."""
     database, query = [], []
     for class_id, group in t.iloc[np.sort(rows)].groupby("class_id", sort=True):
         members = group.index.to_numpy()
         if len(members) < 2:
-            raise DataError(f"class {class_id} has {len(members)} train image(s); protocol {protocol!r} needs "
-                            "at least 2 per class to split 80/20")
+            raise DataError(f"class {class_id} has {len(members)} train image(s); {what} needs at least 2 "
+                            f"per class to split {1 - fraction:.0%}/{fraction:.0%}")
         members = rng.permutation(members)
         n_query = min(len(members) - 1, max(1, int(round(fraction * len(members)))))
         query.append(members[:n_query])
