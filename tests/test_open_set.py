@@ -188,3 +188,20 @@ def test_validation_config_and_folder():
     assert cfg.validation and cfg.trainable_stages == 3 and cfg.protocol == "ssb"
     assert validation_folder("/runs/models/ssb") == Path("/runs/models/ssb-val")
     assert validation_folder("ssb-k3") == Path("ssb-k3-val")
+
+
+def test_open_set_levers_fusion_is_measured_on_the_validation_model_only(tmp_path):
+    from types import SimpleNamespace
+
+    from conftest import load_script
+    from vericar.analyses.open_set import validation_choice
+
+    _, val, labels, _ = _pair(tmp_path)
+    rows = load_script("scripts/open_set_levers.py").fusion_rows(SimpleNamespace(labels=labels), val)
+    by = {r["score"]: r for r in rows}
+    assert list(by) == ["energy", "knn_plus", "0.25 energy + 0.75 knn_plus", "0.5 energy + 0.5 knn_plus",
+                        "0.75 energy + 0.25 knn_plus"]
+    alone = validation_choice(val, labels, [1, 2, 3, 5, 10, 20, 30, 50, 100])["table"].set_index("score")["auroc"]
+    assert by["energy"]["validation_auroc"] == pytest.approx(alone["energy"])  # z-scoring keeps the ranking
+    assert by["knn_plus"]["validation_auroc"] == pytest.approx(alone["knn_plus"])
+    assert all(0 <= r["validation_auroc"] <= 1 and r["validation_model"] == "val" for r in rows)

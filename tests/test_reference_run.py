@@ -54,3 +54,27 @@ def test_the_hierarchy_job_trains_the_models_notebook_07_would(tmp_path):
     assert base.image_size == TrainConfig().image_size and base.trainable_stages == 0 and not base.train_backbone
     # without the official model's folder the notebook falls back to other settings: the job must not
     assert hier.ablation_configs(tmp_path / "none", **{k: params[k] for k in keys})[0].image_size != base.image_size
+
+
+def test_validation_models_are_their_models_configs_with_validation():
+    from vericar.analyses import open_set
+
+    models = load_script("scripts/reference_models.py")
+    for name in ("ssb", "open-world"):
+        val = models.config_for(f"{name}-val")
+        assert val.validation and not models.config_for(name).validation
+        assert val.to_json() == open_set.validation_config(models.config_for(name)).to_json()
+        # the folder notebook 06 looks in (open_set.validation_folder) is the one this job trains into
+        assert open_set.validation_folder(f"models/{name}").name == f"{name}-val"
+    assert models.config_for("ssb").save_pooled and models.config_for("ssb-val").save_pooled
+
+
+def test_open_set_levers_deepen_the_ssb_models_by_one_stage():
+    levers = load_script("scripts/open_set_levers.py")
+    models = load_script("scripts/reference_models.py")
+    k = models.config_for("ssb").trainable_stages
+    (test, test_dir), (val, val_dir) = levers.deeper("ssb"), levers.deeper("ssb-val")
+    assert (str(test_dir), str(val_dir)) == (f"ssb-k{k + 1}", f"ssb-k{k + 1}-val")
+    assert test.trainable_stages == val.trainable_stages == k + 1 and val.validation and not test.validation
+    assert {f for f in TrainConfig.__dataclass_fields__ if getattr(test, f) != getattr(models.config_for("ssb"), f)} \
+        == {"trainable_stages"}
