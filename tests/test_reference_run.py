@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import load_script
 from vericar.config import TrainConfig
 
@@ -69,12 +70,13 @@ def test_validation_models_are_their_models_configs_with_validation():
     assert models.config_for("ssb").save_pooled and models.config_for("ssb-val").save_pooled
 
 
-def test_open_set_levers_deepen_the_ssb_models_by_one_stage():
+@pytest.mark.parametrize("model", ["ssb", "open-world"])
+def test_open_set_levers_deepen_the_open_set_models_by_one_stage(model):
     levers = load_script("scripts/open_set_levers.py")
     models = load_script("scripts/reference_models.py")
-    k = models.config_for("ssb").trainable_stages
-    (test, test_dir), (val, val_dir) = levers.deeper("ssb"), levers.deeper("ssb-val")
-    assert (str(test_dir), str(val_dir)) == (f"ssb-k{k + 1}", f"ssb-k{k + 1}-val")
+    k = models.config_for(model).trainable_stages
+    (test, test_dir), (val, val_dir) = levers.deeper(model), levers.deeper(f"{model}-val")
+    assert (str(test_dir), str(val_dir)) == (f"{model}-k{k + 1}", f"{model}-k{k + 1}-val")
     assert test.trainable_stages == val.trainable_stages == k + 1 and val.validation and not test.validation
-    assert {f for f in TrainConfig.__dataclass_fields__ if getattr(test, f) != getattr(models.config_for("ssb"), f)} \
+    assert {f for f in TrainConfig.__dataclass_fields__ if getattr(test, f) != getattr(models.config_for(model), f)} \
         == {"trainable_stages"}
