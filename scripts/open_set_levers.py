@@ -126,7 +126,7 @@ def main(argv=None) -> int:
         config, folder = deeper(args.model)
         start = time.perf_counter()
         run = train(cars, config, models / folder)
-        print(json.dumps({"model": folder, "trained": run.metrics["trained"]["precision_at_1"],
+        print(json.dumps({"model": str(folder), "trained": run.metrics["trained"]["precision_at_1"],
                           "wall_seconds": round(time.perf_counter() - start)}), flush=True)
         return 0
     ref = config_for("ssb")
